@@ -1,0 +1,76 @@
+"""The ``basicsr`` command: BasicSR's train / test pipelines with every installed plugin loaded.
+
+Parsing and messages only; the work is BasicSR's ``train_pipeline`` / ``test_pipeline`` (patched for CPU,
+distributed CPU runs and safe option files by :mod:`rave_basicsr.utils.pipeline`) and
+:mod:`rave_basicsr.utils.plugins`.
+"""
+import os
+import sys
+from typing import List, Optional
+
+from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.pipeline import build_argument_parser
+from rave_basicsr.utils.plugins import load_plugins, registered_components
+
+USAGE = """usage: basicsr {train,test,list} ...
+
+Run BasicSR with its installed plugins (entry-point group "basicsr.plugins").
+
+commands:
+  train -opt FILE [--launcher none|pytorch|slurm] [--auto_resume] [--debug] [--force_yml k:k=v ...]
+                  train with BasicSR's training loop (experiments/ and tb_logger/ under the current directory)
+  test -opt FILE [...]   run BasicSR's test pipeline (results/ under the current directory)
+  list                   print the registered archs, models, losses, datasets and metrics and their plugins
+
+`basicsr train --help` describes the flags. Distributed: torchrun --nproc_per_node=N $(which basicsr) train
+-opt FILE --launcher pytorch (nccl on GPUs, gloo on CPU-only machines).
+"""
+
+
+def run_pipeline(command: str, argv: List[str]) -> None:
+    """Run BasicSR's train or test pipeline with ``argv`` as its command line, rooted at the current directory."""
+    from rave_basicsr.utils.pipeline import patch_basicsr_pipelines
+
+    build_argument_parser(is_train=command == 'train', prog=f'basicsr {command}').parse_args(argv)  # --help, errors
+    load_plugins()
+    patch_basicsr_pipelines()
+    import basicsr.test
+    import basicsr.train
+
+    sys.argv = [f'basicsr {command}'] + list(argv)
+    pipeline = basicsr.train.train_pipeline if command == 'train' else basicsr.test.test_pipeline
+    pipeline(os.getcwd())
+
+
+def print_registry_listing() -> None:
+    """Print every registered component grouped by registry, with the plugin that provides it."""
+    load_plugins()
+    for registry_name, rows in registered_components().items():
+        print(f'{registry_name} ({len(rows)}):')
+        width = max((len(name) for name, _ in rows), default=0)
+        for name, origin in rows:
+            print(f'  {name:<{width}}  [{origin}]')
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ('-h', '--help'):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in ('train', 'test'):
+            run_pipeline(command, rest)
+        elif command == 'list':
+            print_registry_listing()
+        else:
+            print(f'basicsr: unknown command {command!r}\n\n{USAGE}', file=sys.stderr)
+            return 2
+    except RaveError as exc:
+        print(f'basicsr {command}: error: {exc}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

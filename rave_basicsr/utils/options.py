@@ -1,0 +1,101 @@
+"""Safe reading of BasicSR option files and ``--force_yml`` overrides.
+
+BasicSR 1.4.2 reads option files with PyYAML's full ``Loader`` (which builds arbitrary Python objects from
+``!!python/...`` tags) and applies ``--force_yml`` with ``exec``. This module keeps BasicSR's semantics (key order
+kept, ``!!float 1e-4`` read as a float, ``--force_yml a:b=value`` sets ``opt['a']['b']``) without executing
+anything from the file or the command line.
+"""
+import difflib
+from collections import OrderedDict
+from os import path as osp
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from rave_basicsr.utils.errors import RaveError
+
+
+class OptionError(RaveError):
+    """A problem with an option file or an override, worded for the user."""
+
+
+class _OrderedSafeLoader(yaml.SafeLoader):
+    """SafeLoader that keeps mapping order in an OrderedDict, as BasicSR's loader does."""
+
+
+def _construct_ordered_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> OrderedDict:
+    loader.flatten_mapping(node)
+    return OrderedDict(loader.construct_pairs(node))
+
+
+_OrderedSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_ordered_mapping)
+
+
+def load_yaml_text(text: str, source: str = '<string>') -> Any:
+    """Parse YAML with the safe ordered loader; errors name ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_OrderedSafeLoader)
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f'{source}, line {mark.line + 1}' if mark is not None else source
+        tag = ''
+        if exc.problem and 'tag' in exc.problem:
+            tag = exc.problem.split('tag', 1)[1].strip(" '!")
+        raise OptionError(f'{where}: the tag {tag!r} is not allowed. Option files are read with a safe loader that '
+                          'builds only plain data (mappings, lists, strings, numbers, booleans, null); '
+                          'write the value as plain YAML instead.') from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, 'problem_mark', None)
+        where = f'{source}, line {mark.line + 1}, column {mark.column + 1}' if mark is not None else source
+        problem = getattr(exc, 'problem', None) or str(exc)
+        raise OptionError(f'{where}: YAML syntax error: {problem}') from None
+
+
+def load_option_file(path: str) -> OrderedDict:
+    """Read an option file into an OrderedDict, with errors that name the file."""
+    if not osp.exists(path):
+        raise OptionError(f'option file {path!r} does not exist (current directory: {osp.abspath(".")}).')
+    if osp.isdir(path):
+        raise OptionError(f'option file {path!r} is a directory; pass a .yml file.')
+    try:
+        with open(path, encoding='utf-8') as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise OptionError(f'option file {path!r} cannot be read: {exc.strerror}.') from None
+    opt = load_yaml_text(text, source=path)
+    if not isinstance(opt, dict):
+        raise OptionError(f'option file {path!r} must hold a mapping of options at the top level.')
+    return opt
+
+
+def parse_override_value(text: str) -> Any:
+    """Parse the value of one ``--force_yml`` entry as a YAML scalar or flow collection (never ``eval``)."""
+    text = text.strip()
+    if text.lower() == 'none':  # BasicSR accepts "None" as well as "~"
+        return None
+    return load_yaml_text(text, source='--force_yml value')
+
+
+def apply_overrides(opt: dict, entries: Optional[Iterable[str]]) -> None:
+    """Apply ``--force_yml k1:k2=value`` entries in place; intermediate keys must already exist."""
+    for entry in entries or ():
+        if '=' not in entry:
+            raise OptionError(f'--force_yml entry {entry!r} must look like key1:key2=value.')
+        keys_text, value_text = entry.split('=', 1)
+        keys = [key.strip() for key in keys_text.strip().split(':')]
+        node = opt
+        for depth, key in enumerate(keys[:-1]):
+            if not isinstance(node, dict) or key not in node:
+                known = list(node) if isinstance(node, dict) else []
+                raise OptionError(f'--force_yml {entry!r}: no option {":".join(keys[:depth + 1])!r} in the file'
+                                  f'{close_matches_hint(key, known)} (--force_yml changes existing sections only).')
+            node = node[key]
+        if not isinstance(node, dict):
+            raise OptionError(f'--force_yml {entry!r}: {":".join(keys[:-1])!r} is not a section.')
+        node[keys[-1]] = parse_override_value(value_text)
+
+
+def close_matches_hint(name: str, candidates: Iterable[str]) -> str:
+    """A '; did you mean ...' suffix listing close matches, or an empty string."""
+    matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=4, cutoff=0.5)
+    return f'; did you mean {", ".join(repr(m) for m in matches)}?' if matches else ''

@@ -1,0 +1,222 @@
+"""Run BasicSR's own ``train_pipeline`` / ``test_pipeline`` safely, on CPU as on CUDA, alone or distributed.
+
+BasicSR 1.4.2's pipelines assume CUDA in three places and trust their option files completely. Rather than edit
+site-packages, :func:`patch_basicsr_pipelines` swaps these functions for the ones below, inside this process only:
+
+- ``parse_options``: same command line and option semantics, but a safe YAML loader, ``--force_yml`` without
+  ``exec``, registry names checked up front (with close matches), and distributed initialisation that picks nccl
+  on GPUs and gloo on CPU-only runs, with a clear message when ``torchrun``'s environment is missing;
+- ``load_resume_state``: maps the saved state to the run's device instead of ``torch.cuda.current_device()``;
+- ``BaseModel.model_to_device``: wraps CPU models in DDP without ``device_ids`` (CUDA: the local device).
+"""
+import argparse
+import os
+import random
+import subprocess
+from os import path as osp
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from rave_basicsr.utils.options import OptionError, apply_overrides, close_matches_hint, load_option_file
+
+TORCHRUN_HINT = ('launch distributed runs with torchrun, e.g. '
+                 '`torchrun --nproc_per_node=2 -m rave_basicsr.cli.basicsr_cli train -opt FILE --launcher pytorch`')
+
+
+def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The flags of BasicSR's ``train.py`` / ``test.py``, with help texts."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=('Train a model with BasicSR\'s training loop.' if is_train else
+                     'Test a model with BasicSR\'s test pipeline (writes results/<name>/).'),
+        epilog='Experiments, results and tensorboard logs are written under the current directory.')
+    parser.add_argument('-opt', required=True, metavar='FILE', help='path to the option YAML file')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='job launcher: none (single process), pytorch (started by torchrun) or slurm (srun)')
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='resume from the newest training state in experiments/<name>/training_states')
+    parser.add_argument('--debug', action='store_true',
+                        help='debug mode: name prefixed by debug_, print/save/validate every few iterations')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help='accepted for torch.distributed.launch; torchrun passes LOCAL_RANK instead')
+    parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:KEY=VALUE',
+                        help='override options, e.g. train:ema_decay=0.999 (values are parsed as YAML)')
+    return parser
+
+
+def init_distributed(launcher: str, num_gpu, dist_params: Optional[dict] = None) -> None:
+    """Initialise torch.distributed: nccl when this run uses GPUs, gloo otherwise (``backend`` may be forced)."""
+    dist_params = dict(dist_params or {})
+    use_cuda = torch.cuda.is_available() and num_gpu not in (0, '0')
+    backend = dist_params.pop('backend', 'nccl' if use_cuda else 'gloo')
+    if launcher == 'pytorch':
+        missing = [key for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if key not in os.environ]
+        if missing:
+            raise OptionError(f'--launcher pytorch needs the environment variables {", ".join(missing)}, which '
+                              f'torchrun sets: {TORCHRUN_HINT}.')
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    elif launcher == 'slurm':
+        if 'SLURM_PROCID' not in os.environ:
+            raise OptionError('--launcher slurm must run inside a slurm job step (srun): SLURM_PROCID is not set.')
+        proc_id, ntasks = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
+        gpus = max(torch.cuda.device_count(), 1)
+        node_list = os.environ['SLURM_NODELIST']
+        os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1'))
+        os.environ['MASTER_PORT'] = str(dist_params.pop('port', os.environ.get('MASTER_PORT', 29500)))
+        os.environ.update(WORLD_SIZE=str(ntasks), RANK=str(proc_id), LOCAL_RANK=str(proc_id % gpus))
+        local_rank = proc_id % gpus
+    else:
+        raise OptionError(f'unknown launcher {launcher!r}; use none, pytorch or slurm.')
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend=backend, **dist_params)
+
+
+def check_registered_types(opt: dict) -> None:
+    """Fail before any work when a ``type`` / ``model_type`` names nothing registered, listing close matches."""
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+
+    def check(registry, name, where):
+        if name is None:
+            return
+        if name not in registry and f'{name}_basicsr' not in registry:
+            raise OptionError(f'{where}: {name!r} is not in BasicSR\'s {registry._name} registry'
+                              f'{close_matches_hint(name, registry.keys())} '
+                              '(run `basicsr list` to see every registered name; is the plugin installed?)')
+
+    check(MODEL_REGISTRY, opt.get('model_type', 'SRModel'), 'model_type')
+    for key, value in opt.items():
+        if key.startswith('network_') and isinstance(value, dict):
+            check(ARCH_REGISTRY, value.get('type'), f'{key}:type')
+    for phase, dataset_opt in (opt.get('datasets') or {}).items():
+        if isinstance(dataset_opt, dict):
+            check(DATASET_REGISTRY, dataset_opt.get('type'), f'datasets:{phase}:type')
+    for key, value in (opt.get('train') or {}).items():
+        if key.endswith('_opt') and isinstance(value, dict) and 'type' in value:
+            check(LOSS_REGISTRY, value['type'], f'train:{key}:type')
+    for name, metric_opt in ((opt.get('val') or {}).get('metrics') or {}).items():
+        if isinstance(metric_opt, dict):
+            check(METRIC_REGISTRY, metric_opt.get('type'), f'val:metrics:{name}:type')
+
+
+def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str]] = None) -> Tuple[dict, argparse.Namespace]:
+    """Drop-in replacement for ``basicsr.utils.options.parse_options`` (same arguments, same resulting dict)."""
+    from basicsr.utils import set_random_seed
+    from basicsr.utils.dist_util import get_dist_info
+
+    args = build_argument_parser(is_train).parse_args(argv)
+    opt = load_option_file(args.opt)
+    apply_overrides(opt, args.force_yml)
+    for key in ('name', 'num_gpu', 'datasets', 'path'):
+        if key not in opt:
+            raise OptionError(f'{args.opt}: the required option {key!r} is missing.')
+    if opt['num_gpu'] == 'auto':
+        opt['num_gpu'] = torch.cuda.device_count()
+    if opt['num_gpu'] and not torch.cuda.is_available():
+        raise OptionError(f'{args.opt}: num_gpu is {opt["num_gpu"]} but no CUDA device is available; '
+                          'use --force_yml num_gpu=0 to run on the CPU.')
+    check_registered_types(opt)
+
+    if args.launcher == 'none':
+        opt['dist'] = False
+    else:
+        opt['dist'] = True
+        init_distributed(args.launcher, opt['num_gpu'], opt.get('dist_params'))
+    opt['rank'], opt['world_size'] = get_dist_info()
+
+    seed = opt.get('manual_seed')
+    if seed is None:
+        seed = random.randint(1, 10000)
+        opt['manual_seed'] = seed
+    set_random_seed(seed + opt['rank'])
+
+    opt['auto_resume'] = args.auto_resume
+    opt['is_train'] = is_train
+    if args.debug and not opt['name'].startswith('debug'):
+        opt['name'] = 'debug_' + opt['name']
+
+    for phase, dataset in opt['datasets'].items():
+        dataset['phase'] = phase.split('_')[0]
+        if 'scale' in opt:
+            dataset['scale'] = opt['scale']
+        for key in ('dataroot_gt', 'dataroot_lq'):
+            if dataset.get(key) is not None:
+                dataset[key] = osp.expanduser(dataset[key])
+    for key, val in opt['path'].items():
+        if val is not None and ('resume_state' in key or 'pretrain_network' in key):
+            opt['path'][key] = osp.expanduser(val)
+
+    if is_train:
+        experiments_root = osp.join(root_path, 'experiments', opt['name'])
+        opt['path'].update(experiments_root=experiments_root, models=osp.join(experiments_root, 'models'),
+                           training_states=osp.join(experiments_root, 'training_states'), log=experiments_root,
+                           visualization=osp.join(experiments_root, 'visualization'))
+        if 'debug' in opt['name']:
+            if 'val' in opt:
+                opt['val']['val_freq'] = 8
+            opt['logger']['print_freq'] = 1
+            opt['logger']['save_checkpoint_freq'] = 8
+    else:
+        results_root = osp.join(root_path, 'results', opt['name'])
+        opt['path'].update(results_root=results_root, log=results_root,
+                           visualization=osp.join(results_root, 'visualization'))
+    return opt, args
+
+
+def load_resume_state(opt: dict) -> Optional[dict]:
+    """BasicSR's resume-state lookup, loading onto the run's device (CPU or the local GPU) with weights_only."""
+    from basicsr.utils import check_resume, scandir
+
+    resume_state_path = None
+    if opt['auto_resume']:
+        state_path = osp.join('experiments', opt['name'], 'training_states')
+        if osp.isdir(state_path):
+            states = [name for name in scandir(state_path, suffix='state', recursive=False, full_path=False)]
+            if states:
+                newest = max(float(name.split('.state')[0]) for name in states)
+                resume_state_path = osp.join(state_path, f'{newest:.0f}.state')
+                opt['path']['resume_state'] = resume_state_path
+    elif opt['path'].get('resume_state'):
+        resume_state_path = opt['path']['resume_state']
+    if resume_state_path is None:
+        return None
+    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] else torch.device('cpu')
+    resume_state = load_training_state(resume_state_path, device)
+    check_resume(opt, resume_state['iter'])
+    return resume_state
+
+
+def load_training_state(path: str, device: torch.device) -> dict:
+    """Load a ``.state`` file with ``weights_only=True`` (BasicSR's schedulers store a Counter, allowed here)."""
+    from collections import Counter
+
+    with torch.serialization.safe_globals([Counter]):
+        return torch.load(path, map_location=device, weights_only=True)
+
+
+def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+    """``BaseModel.model_to_device`` that also works for CPU DDP (gloo): no ``device_ids`` there."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(self.device)
+    if self.opt['dist']:
+        find_unused = self.opt.get('find_unused_parameters', False)
+        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
+        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
+    elif self.opt['num_gpu'] > 1:
+        net = DataParallel(net)
+    return net
+
+
+def patch_basicsr_pipelines() -> None:
+    """Install the functions above into BasicSR's train / test modules and BaseModel (this process only)."""
+    import basicsr.test
+    import basicsr.train
+    from basicsr.models.base_model import BaseModel
+
+    basicsr.train.parse_options = parse_options
+    basicsr.test.parse_options = parse_options
+    basicsr.train.load_resume_state = load_resume_state
+    BaseModel.model_to_device = model_to_device
