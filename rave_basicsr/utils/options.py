@@ -62,6 +62,8 @@ def load_option_file(path: str) -> OrderedDict:
             text = handle.read()
     except OSError as exc:
         raise OptionError(f'option file {path!r} cannot be read: {exc.strerror}.') from None
+    except UnicodeDecodeError as exc:
+        raise OptionError(f'option file {path!r} cannot be read: it is not UTF-8 text (byte {exc.start}).') from None
     opt = load_yaml_text(text, source=path)
     if not isinstance(opt, dict):
         raise OptionError(f'option file {path!r} must hold a mapping of options at the top level.')

@@ -7,7 +7,9 @@ site-packages, :func:`patch_basicsr_pipelines` swaps these functions for the one
   ``exec``, registry names checked up front (with close matches), and distributed initialisation that picks nccl
   on GPUs and gloo on CPU-only runs, with a clear message when ``torchrun``'s environment is missing;
 - ``load_resume_state``: maps the saved state to the run's device instead of ``torch.cuda.current_device()``;
-- ``BaseModel.model_to_device``: wraps CPU models in DDP without ``device_ids`` (CUDA: the local device).
+- ``BaseModel.model_to_device``: wraps CPU models in DDP without ``device_ids`` (CUDA: the local device);
+- ``BaseModel.save_network`` / ``save_training_state``: atomic writes that raise on failure (BasicSR's retry loop
+  ends by ignoring the error, which loses work silently).
 """
 import argparse
 import os
@@ -19,6 +21,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.options import OptionError, apply_overrides, close_matches_hint, load_option_file
 
 TORCHRUN_HINT = ('launch distributed runs with torchrun, e.g. '
@@ -47,10 +50,15 @@ def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argpars
 
 
 def init_distributed(launcher: str, num_gpu, dist_params: Optional[dict] = None) -> None:
-    """Initialise torch.distributed: nccl when this run uses GPUs, gloo otherwise (``backend`` may be forced)."""
+    """Initialise torch.distributed for ``torchrun`` (pytorch) or slurm launches.
+
+    The backend is nccl when the run uses GPUs and gloo otherwise; ``dist_params: {backend: ...}`` is honoured
+    on GPUs only (option files written for GPUs say nccl, which cannot run on a CPU-only machine). As in BasicSR,
+    ``dist_params: {port: ...}`` applies to slurm launches.
+    """
     dist_params = dict(dist_params or {})
     use_cuda = torch.cuda.is_available() and num_gpu not in (0, '0')
-    backend = dist_params.pop('backend', 'nccl' if use_cuda else 'gloo')
+    backend = dist_params.get('backend', 'nccl') if use_cuda else 'gloo'
     if launcher == 'pytorch':
         missing = [key for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if key not in os.environ]
         if missing:
@@ -61,17 +69,16 @@ def init_distributed(launcher: str, num_gpu, dist_params: Optional[dict] = None)
         if 'SLURM_PROCID' not in os.environ:
             raise OptionError('--launcher slurm must run inside a slurm job step (srun): SLURM_PROCID is not set.')
         proc_id, ntasks = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
-        gpus = max(torch.cuda.device_count(), 1)
+        local_rank = proc_id % max(torch.cuda.device_count(), 1)
         node_list = os.environ['SLURM_NODELIST']
         os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1'))
-        os.environ['MASTER_PORT'] = str(dist_params.pop('port', os.environ.get('MASTER_PORT', 29500)))
-        os.environ.update(WORLD_SIZE=str(ntasks), RANK=str(proc_id), LOCAL_RANK=str(proc_id % gpus))
-        local_rank = proc_id % gpus
+        os.environ['MASTER_PORT'] = str(dist_params.get('port', os.environ.get('MASTER_PORT', 29500)))
+        os.environ.update(WORLD_SIZE=str(ntasks), RANK=str(proc_id), LOCAL_RANK=str(local_rank))
     else:
         raise OptionError(f'unknown launcher {launcher!r}; use none, pytorch or slurm.')
     if use_cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend, **dist_params)
+    dist.init_process_group(backend=backend)
 
 
 def check_registered_types(opt: dict) -> None:
@@ -210,6 +217,37 @@ def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
+def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+    """``BaseModel.save_network`` (same file name and layout), written atomically by rank 0 only."""
+    from basicsr.utils.dist_util import get_dist_info
+
+    if get_dist_info()[0] != 0:
+        return
+    nets = net if isinstance(net, list) else [net]
+    param_keys = param_key if isinstance(param_key, list) else [param_key]
+    if len(nets) != len(param_keys):
+        raise ValueError('save_network needs one param_key per network.')
+    save_dict = {}
+    for net_, key in zip(nets, param_keys):
+        state_dict = self.get_bare_model(net_).state_dict()
+        save_dict[key] = {(name[7:] if name.startswith('module.') else name): value.cpu()
+                          for name, value in state_dict.items()}
+    label = 'latest' if current_iter == -1 else current_iter
+    torch_save_atomic(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+
+
+def save_training_state(self, epoch: int, current_iter: int) -> None:
+    """``BaseModel.save_training_state`` (same content), written atomically by rank 0 only."""
+    from basicsr.utils.dist_util import get_dist_info
+
+    if current_iter == -1 or get_dist_info()[0] != 0:
+        return
+    state = {'epoch': epoch, 'iter': current_iter,
+             'optimizers': [optimizer.state_dict() for optimizer in self.optimizers],
+             'schedulers': [scheduler.state_dict() for scheduler in self.schedulers]}
+    torch_save_atomic(state, osp.join(self.opt['path']['training_states'], f'{current_iter}.state'))
+
+
 def patch_basicsr_pipelines() -> None:
     """Install the functions above into BasicSR's train / test modules and BaseModel (this process only)."""
     import basicsr.test
@@ -220,3 +258,5 @@ def patch_basicsr_pipelines() -> None:
     basicsr.test.parse_options = parse_options
     basicsr.train.load_resume_state = load_resume_state
     BaseModel.model_to_device = model_to_device
+    BaseModel.save_network = save_network
+    BaseModel.save_training_state = save_training_state

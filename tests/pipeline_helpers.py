@@ -1,0 +1,59 @@
+"""Small generated datasets and option files for end-to-end tests of the BasicSR pipelines."""
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+
+def write_paired_pngs(root: Path, count: int = 4, size: int = 32, seed: int = 0) -> tuple:
+    """Write ``count`` random lq/gt PNG pairs (same names) and return the two folders."""
+    rng = np.random.default_rng(seed)
+    lq_dir, gt_dir = root / 'lq', root / 'gt'
+    lq_dir.mkdir(parents=True, exist_ok=True)
+    gt_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        gt = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        lq = (gt.astype(np.float32) * 0.5).astype(np.uint8)
+        cv2.imwrite(str(gt_dir / f'img{index:02d}.png'), gt)
+        cv2.imwrite(str(lq_dir / f'img{index:02d}.png'), lq)
+    return lq_dir, gt_dir
+
+
+def sr_training_options(name: str, lq_dir: Path, gt_dir: Path, total_iter: int = 4, save_freq: int = 2) -> dict:
+    """Options for a tiny BasicSR SRModel run on the CPU (network from BasicSR itself)."""
+    dataset = {'type': 'PairedImageDataset', 'dataroot_gt': str(gt_dir), 'dataroot_lq': str(lq_dir),
+               'io_backend': {'type': 'disk'}, 'filename_tmpl': '{}'}
+    return {
+        'name': name, 'model_type': 'SRModel', 'scale': 1, 'num_gpu': 0, 'manual_seed': 10,
+        'datasets': {
+            'train': dict(dataset, name='train', gt_size=16, use_hflip=True, use_rot=False,
+                          num_worker_per_gpu=0, batch_size_per_gpu=2, dataset_enlarge_ratio=1),
+            'val': dict(dataset, name='val'),
+        },
+        'network_g': {'type': 'SRVGGNetCompact', 'num_in_ch': 3, 'num_out_ch': 3, 'num_feat': 4, 'num_conv': 1,
+                      'upscale': 1, 'act_type': 'prelu'},
+        'path': {'pretrain_network_g': None, 'strict_load_g': True, 'resume_state': None},
+        'train': {'ema_decay': 0, 'optim_g': {'type': 'Adam', 'lr': 1e-3}, 'total_iter': total_iter,
+                  'warmup_iter': -1, 'pixel_opt': {'type': 'L1Loss', 'loss_weight': 1.0, 'reduction': 'mean'},
+                  'scheduler': {'type': 'MultiStepLR', 'milestones': [1000], 'gamma': 0.5}},
+        'val': {'val_freq': save_freq, 'save_img': True,
+                'metrics': {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False}}},
+        'logger': {'print_freq': 1, 'save_checkpoint_freq': save_freq, 'use_tb_logger': False},
+        'dist_params': {'backend': 'gloo', 'port': 29500},
+    }
+
+
+def write_options(path: Path, options: dict) -> Path:
+    """Dump options as YAML (floats stay floats: PyYAML writes 0.001 with a dot)."""
+    path.write_text(yaml.safe_dump(options, sort_keys=False))
+    return path
+
+
+def subprocess_env() -> dict:
+    """Environment for child processes: offline hub, this repository importable first."""
+    env = dict(os.environ, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
+    repo = str(Path(__file__).resolve().parents[1])
+    env['PYTHONPATH'] = repo + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
+    return env

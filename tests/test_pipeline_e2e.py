@@ -1,0 +1,123 @@
+"""`basicsr train` / `basicsr test` end to end on the CPU: validation, auto-resume, 2-process torchrun."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline_helpers import sr_training_options, subprocess_env, write_options, write_paired_pngs
+
+pytestmark = pytest.mark.slow
+
+
+def run_basicsr(args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the `basicsr` command in a child process (a fresh root logger per run, as on the command line)."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+
+
+def read_log(experiment: Path) -> str:
+    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    lq, gt = write_paired_pngs(tmp_path / 'data')
+    return tmp_path, lq, gt
+
+
+def test_train_end_to_end_with_validation_in_current_directory(workdir):
+    root, lq, gt = workdir
+    opt = write_options(root / 'train.yml', sr_training_options('e2e', lq, gt, total_iter=4, save_freq=2))
+    result = run_basicsr(['train', '-opt', str(opt)], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = root / 'experiments' / 'e2e'
+    assert (experiment / 'models' / 'net_g_4.pth').is_file()
+    assert (experiment / 'models' / 'net_g_latest.pth').is_file()
+    assert (experiment / 'training_states' / '4.state').is_file()
+    assert list((experiment / 'visualization').rglob('*.png'))
+    assert re.search(r'psnr: \d+\.\d+', read_log(experiment))
+    assert not list(experiment.parent.glob('*.tmp')) and not list((experiment / 'models').glob('.*tmp'))
+
+
+def test_auto_resume_continues_from_saved_iteration_on_cpu(workdir):
+    root, lq, gt = workdir
+    opt = write_options(root / 'train.yml', sr_training_options('resume', lq, gt, total_iter=8, save_freq=2))
+    # an interrupted run: it stops at iteration 4 (as if killed after its checkpoint at iteration 4)
+    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=4'], cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=root)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = read_log(root / 'experiments' / 'resume')
+    assert 'Resuming training from epoch' in log and 'iter: 4' in log
+    assert 'Start training from epoch: ' in log and re.search(r'Start training from epoch: \d+, iter: 4', log)
+    assert (root / 'experiments' / 'resume' / 'training_states' / '8.state').is_file()
+    state = torch.load(root / 'experiments' / 'resume' / 'training_states' / '8.state', weights_only=False)
+    assert state['iter'] == 8
+
+
+def test_basicsr_test_writes_results_and_metrics(workdir):
+    root, lq, gt = workdir
+    train_opt = write_options(root / 'train.yml', sr_training_options('fortest', lq, gt, total_iter=2, save_freq=2))
+    assert run_basicsr(['train', '-opt', str(train_opt)], cwd=root).returncode == 0
+    options = sr_training_options('testrun', lq, gt)
+    options['datasets'] = {'test_1': dict(options['datasets']['val'], name='tiny')}
+    options['path'] = {'pretrain_network_g': str(root / 'experiments/fortest/models/net_g_latest.pth'),
+                       'strict_load_g': True}
+    options['val'].pop('val_freq')
+    options['val']['suffix'] = None
+    for key in ('train', 'logger'):
+        options.pop(key)
+    test_opt = write_options(root / 'test.yml', options)
+    result = run_basicsr(['test', '-opt', str(test_opt)], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = root / 'results' / 'testrun'
+    assert len(list((results / 'visualization' / 'tiny').glob('*.png'))) == 4
+    logs = ''.join(path.read_text() for path in results.glob('test_*.log'))
+    assert re.search(r'# psnr: \d+\.\d+', logs)
+
+
+DRIVER = textwrap.dedent('''
+    """Run `basicsr train` under torchrun and dump this rank's final weights for comparison."""
+    import os, sys
+    import torch
+    import rave_basicsr  # noqa: F401
+    import basicsr.train
+    from rave_basicsr.cli import basicsr_cli
+
+    models = []
+    original_build_model = basicsr.train.build_model
+
+    def capturing_build_model(opt):
+        models.append(original_build_model(opt))
+        return models[-1]
+
+    basicsr.train.build_model = capturing_build_model
+    code = basicsr_cli.main(sys.argv[1:])
+    net = models[0].get_bare_model(models[0].net_g)
+    torch.save(net.state_dict(), f'weights_rank{os.environ["RANK"]}.pt')
+    sys.exit(code)
+''')
+
+
+def test_two_process_cpu_torchrun_ends_with_identical_weights(workdir):
+    root, lq, gt = workdir
+    options = sr_training_options('ddp', lq, gt, total_iter=4, save_freq=4)
+    options['datasets']['train']['use_hflip'] = True  # ranks draw different samples and flips
+    opt = write_options(root / 'ddp.yml', options)
+    (root / 'driver.py').write_text(DRIVER)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
+               'driver.py', 'train', '-opt', str(opt), '--launcher', 'pytorch']
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    rank0 = torch.load(root / 'weights_rank0.pt')
+    rank1 = torch.load(root / 'weights_rank1.pt')
+    initial = torch.load(root / 'experiments/ddp/models/net_g_4.pth')['params']
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
+        torch.testing.assert_close(rank0[key], initial[key], rtol=0, atol=0)
+    assert 'world_size: 2' in read_log(root / 'experiments' / 'ddp')
