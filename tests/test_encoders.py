@@ -2,9 +2,7 @@
 import os
 import subprocess
 import sys
-import time
 
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ still moves it. Weights that cannot be had offline fail at once with a message n
 import difflib
 import hashlib
 import json
-import logging
 import os
 import socket
 import warnings
@@ -31,7 +30,6 @@ from rave_basicsr.guidance.preprocess import PreprocessConfig, parse_preprocess,
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import torch_load_safe
 
-logger = logging.getLogger('rave_basicsr')
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 #: the tiny random-init open_clip configs shipped for tests (never for real use)
