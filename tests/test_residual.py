@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from rave_basicsr.residual.compute import residual_from_embeddings
+from rave_basicsr.residual.compute import compute_residual, residual_from_embeddings
 from rave_basicsr.residual.vector import ResidualVector
 from rave_basicsr.utils.errors import RaveError
+from tests.residual_helpers import STATS, TINY_VIT, make_sets
 
 
 def _unit(values):
@@ -128,3 +129,114 @@ def test_check_encoder():
         vector.check_encoder(SimpleNamespace(embed_dim=4, identity={'type': 'open_clip', 'model': 'B', 'embed_dim': 4}))
     with pytest.raises(RaveError, match='4-dimensional.*8-dimensional'):
         vector.check_encoder(SimpleNamespace(embed_dim=8, identity={'type': 'open_clip', 'model': 'A'}))
+
+
+# ------------------------------------------------------------------------------------------------ from images
+@pytest.fixture(scope='module')
+def tiny_vit():
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    return build_image_encoder(TINY_VIT)
+
+
+@pytest.fixture(scope='module')
+def image_sets(tmp_path_factory):
+    return make_sets(tmp_path_factory.mktemp('sets'))
+
+
+def test_compute_matches_encoding_each_image(tiny_vit, image_sets):
+    from rave_basicsr.guidance.preprocess import parse_preprocess
+    from rave_basicsr.utils.image_io import read_image
+
+    well, back = image_sets
+    vector = compute_residual(tiny_vit, well, back, batch_size=3, keep_embeddings=True, progress=False)
+    cfg = parse_preprocess({'resize': 'shorter_side_center_crop', 'interpolation': 'bicubic', 'antialias': True},
+                           default_size=32)
+    by_hand = {}
+    for key, folder in (('well_lit', well), ('backlit', back)):
+        rows = []
+        for path in sorted(folder.iterdir()):
+            image = torch.from_numpy(read_image(str(path)).rgb).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                rows.append(tiny_vit.encode_image(image, preprocess=cfg)[0])
+        by_hand[key] = torch.stack(rows)
+        torch.testing.assert_close(vector.embeddings[key], by_hand[key], atol=1e-5, rtol=1e-5)
+    residual, threshold, _, _ = residual_from_embeddings(by_hand['well_lit'], by_hand['backlit'])
+    torch.testing.assert_close(vector.residual, residual, atol=1e-5, rtol=1e-5)
+    assert vector.threshold == pytest.approx(threshold, abs=1e-5)
+    assert vector.counts == {'well_lit': 5, 'backlit': 4}
+    assert vector.encoder_identity == tiny_vit.identity
+    assert vector.preprocess == cfg.to_dict()
+    assert vector.history[0]['step'] == 'compute' and vector.history[0]['skipped'] == {'well_lit': [], 'backlit': []}
+    vector.check_encoder(tiny_vit)
+
+
+def test_compute_is_deterministic(tiny_vit, image_sets, tmp_path):
+    well, back = image_sets
+    first = compute_residual(tiny_vit, well, back, batch_size=2, progress=False)
+    second = compute_residual(tiny_vit, well, back, batch_size=2, num_workers=2, progress=False)
+    assert torch.equal(first.residual, second.residual) and first.threshold == second.threshold
+    first.save(tmp_path / 'a.safetensors')
+    second.save(tmp_path / 'b.safetensors')
+    a, b = ResidualVector.load(tmp_path / 'a.safetensors'), ResidualVector.load(tmp_path / 'b.safetensors')
+    assert torch.equal(a.residual, b.residual) and torch.equal(a.well_lit_mean, b.well_lit_mean)
+    assert (a.threshold, a.counts, a.history, a.preprocess) == (b.threshold, b.counts, b.history, b.preprocess)
+
+
+def test_corrupt_files_skipped_and_reported(tiny_vit, image_sets, tmp_path, caplog):
+    well, back = image_sets
+    damaged = tmp_path / 'back'
+    damaged.mkdir()
+    for path in back.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    (damaged / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    (damaged / 'empty.jpg').write_bytes(b'')
+    vector = compute_residual(tiny_vit, well, damaged, progress=False)
+    clean = compute_residual(tiny_vit, well, back, progress=False)
+    assert vector.counts == {'well_lit': 5, 'backlit': 4}
+    torch.testing.assert_close(vector.residual, clean.residual, atol=1e-6, rtol=0)
+    skipped = vector.history[0]['skipped']['backlit']
+    assert len(skipped) == 2 and any('broken.png' in s for s in skipped) and any('empty.jpg' in s for s in skipped)
+    assert '2 of 6 backlit images skipped' in caplog.text
+    with pytest.raises(RaveError, match='broken.png.*strict'):
+        compute_residual(tiny_vit, well, damaged, strict=True, progress=False)
+
+
+def test_compute_bad_folders(tiny_vit, image_sets, tmp_path):
+    well, _ = image_sets
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'texts').mkdir()
+    (tmp_path / 'texts' / 'notes.txt').write_text('no images here')
+    for folder in ('empty', 'texts'):
+        with pytest.raises(RaveError, match='no image files'):
+            compute_residual(tiny_vit, well, tmp_path / folder, progress=False)
+    with pytest.raises(RaveError, match='not found'):
+        compute_residual(tiny_vit, tmp_path / 'missing', well, progress=False)
+    (tmp_path / 'allbad').mkdir()
+    (tmp_path / 'allbad' / 'x.png').write_bytes(b'junk')
+    with pytest.raises(RaveError, match='none of the 1 images'):
+        compute_residual(tiny_vit, well, tmp_path / 'allbad', progress=False)
+
+
+def test_compute_from_lmdb_equals_folder(tiny_vit, image_sets, tmp_path):
+    from rave_basicsr.data.lmdb_util import make_lmdb
+
+    well, back = image_sets
+    make_lmdb(str(back), str(tmp_path / 'back.lmdb'))
+    from_lmdb = compute_residual(tiny_vit, well, tmp_path / 'back.lmdb', progress=False)
+    from_folder = compute_residual(tiny_vit, well, back, progress=False)
+    assert torch.equal(from_lmdb.residual, from_folder.residual)
+
+
+def test_image_only_encoder_native_sizes(image_sets):
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    from rave_basicsr.utils.image_io import read_image
+
+    stats = build_image_encoder(STATS)
+    well, back = image_sets
+    vector = compute_residual(stats, well, back, batch_size=4, keep_embeddings=True, progress=False)
+    first = torch.from_numpy(read_image(str(sorted(well.iterdir())[0])).rgb).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(vector.embeddings['well_lit'][0], stats.encode_image(first)[0])
+    assert vector.preprocess['resize'] == 'none' and vector.dim == stats.embed_dim
+    # the residual points from dark to bright: the brightness-grid coordinates grow along it
+    assert float(vector.residual[:16].sum()) > 0

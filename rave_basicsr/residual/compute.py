@@ -18,11 +18,15 @@ docs/residual.md). ``preprocess='encoder'`` uses the encoder's own (loss-path) p
 a block) get each image at its own size.
 """
 import logging
+from dataclasses import replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
+from rave_basicsr.data.image_source import ImageSource
+from rave_basicsr.guidance.preprocess import PreprocessConfig, parse_preprocess, preprocess_images
 from rave_basicsr.residual.vector import ResidualVector
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.version import __version__
@@ -81,7 +85,7 @@ class _EncoderInputDataset(Dataset):
     returned, not raised, so that one bad file does not stop the loader.
     """
 
-    def __init__(self, source: Any, resize_cfg: Any) -> None:
+    def __init__(self, source: Any, resize_cfg: Optional[PreprocessConfig]) -> None:
         self.source = source
         self.resize_cfg = resize_cfg
 
@@ -95,8 +99,6 @@ class _EncoderInputDataset(Dataset):
             return index, None, str(exc)
         image = torch.from_numpy(decoded.rgb).permute(2, 0, 1).contiguous()
         if self.resize_cfg is not None:
-            from rave_basicsr.guidance.preprocess import preprocess_images
-
             with torch.no_grad():
                 image = preprocess_images(image[None], self.resize_cfg)[0]
         return index, image, None
@@ -106,9 +108,7 @@ def _collate(items: list) -> list:
     return items
 
 
-def _as_source(value: Any, label: str):
-    from rave_basicsr.data.image_source import ImageSource
-
+def _as_source(value: Any, label: str) -> ImageSource:
     if isinstance(value, ImageSource):
         return value
     if not isinstance(value, (str, bytes)) and not hasattr(value, '__fspath__'):
@@ -116,10 +116,9 @@ def _as_source(value: Any, label: str):
     return ImageSource(str(value))
 
 
-def resolve_preprocess(encoder: Any, preprocess: Union[None, str, Mapping[str, Any], Any]):
+def resolve_preprocess(encoder: Any, preprocess: Union[None, str, Mapping[str, Any], PreprocessConfig]
+                       ) -> Optional[PreprocessConfig]:
     """The encoder-input preprocessing config for residual embeddings (None: native size); see the module doc."""
-    from rave_basicsr.guidance.preprocess import PreprocessConfig, parse_preprocess
-
     own = getattr(encoder, 'preprocess', None)
     if isinstance(preprocess, PreprocessConfig):
         return preprocess
@@ -138,10 +137,8 @@ def resolve_preprocess(encoder: Any, preprocess: Union[None, str, Mapping[str, A
     return parse_preprocess(block, default_size=size, where='residual preprocess', **kwargs)
 
 
-def _resize_only(cfg: Any):
+def _resize_only(cfg: PreprocessConfig) -> PreprocessConfig:
     """The geometric part of ``cfg`` (identity normalisation): what the loader workers apply."""
-    from dataclasses import replace
-
     return replace(cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
@@ -158,8 +155,6 @@ def embed_source(encoder: Any, source: Any, cfg: Any, label: str, batch_size: in
 
     Embeddings keep the source's sorted order; read failures are collected (``strict``: the first one raises).
     """
-    from tqdm import tqdm
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise RaveError(f'batch size must be a positive integer, got {batch_size!r}.')
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
