@@ -16,9 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from rave_basicsr.guidance.encoders import require_text_tower
 from rave_basicsr.residual.interpret import (check_count, encode_prompts, extremes, load_vocabulary,
-                                              score_vocabulary)
+                                              require_text_tower, score_vocabulary)
 from rave_basicsr.residual.vector import ResidualVector
 from rave_basicsr.utils.errors import RaveError
 

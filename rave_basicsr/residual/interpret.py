@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rave_basicsr.guidance.encoders import require_text_tower
 from rave_basicsr.residual.vector import ResidualVector, canonical_identity
 from rave_basicsr.utils.errors import RaveError
 
@@ -42,6 +41,15 @@ class Vocabulary:
     texts: List[str]
     embeddings: torch.Tensor
     source: str
+
+
+def require_text_tower(encoder: Any, purpose: str) -> None:
+    """RaveError when ``encoder`` has no text tower: words can only be read with a CLIP-like model."""
+    if not getattr(encoder, 'has_text_tower', False):
+        raise RaveError(f'{purpose} needs an encoder with a text tower, but {canonical_identity(encoder.identity)} '
+                        'is image-only. Computing a residual and training RAVE work with image-only encoders; to '
+                        'read a residual through words, compute it with an open_clip CLIP model '
+                        '(--encoder open_clip:ViT-B-32:openai).')
 
 
 def cache_dir() -> Path:
