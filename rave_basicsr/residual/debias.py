@@ -62,8 +62,8 @@ def shift_residual(vector: ResidualVector, encoder: Any, remove_top: int = DEFAU
                    remove_bottom: int = DEFAULT_REMOVE_TOKENS, vocab: str = 'clip', limit: Optional[int] = None,
                    progress: bool = True) -> ResidualVector:
     """The originals' shifted residual with ``remove_top`` / ``remove_bottom`` vocabulary entries (see module doc)."""
-    require_text_tower(encoder, 'debiasing by tokens (--remove-top/--remove-bottom)')
     vector.check_encoder(encoder)
+    require_text_tower(encoder, 'debiasing by tokens (--remove-top/--remove-bottom)')
     vocabulary = load_vocabulary(encoder, vocab, limit=limit, progress=progress)
     check_count(remove_top, vocabulary, '--remove-top')
     check_count(remove_bottom, vocabulary, '--remove-bottom')
@@ -88,8 +88,8 @@ def shift_residual(vector: ResidualVector, encoder: Any, remove_top: int = DEFAU
 
 def remove_concepts(vector: ResidualVector, encoder: Any, concepts: Sequence[str]) -> ResidualVector:
     """Project the text embeddings of ``concepts`` out of the residual (orthogonal to each afterwards)."""
-    require_text_tower(encoder, 'removing text concepts (--remove-concept)')
     vector.check_encoder(encoder)
+    require_text_tower(encoder, 'removing text concepts (--remove-concept)')
     concepts = [c.strip() for c in concepts]
     if not concepts or any(not c for c in concepts):
         raise RaveError('--remove-concept needs non-empty texts, e.g. --remove-concept "indoor" "people".')

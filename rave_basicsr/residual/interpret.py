@@ -232,8 +232,8 @@ def check_count(k: int, vocabulary: Vocabulary, option: str) -> None:
 def interpret_residual(vector: ResidualVector, encoder: Any, vocab: str = 'clip', top: int = 20,
                        limit: Optional[int] = None, progress: bool = True) -> Dict[str, Any]:
     """Rank a vocabulary by cosine with the residual; returns a JSON-serialisable summary with both ends."""
-    require_text_tower(encoder, 'rave residual interpret')
     vector.check_encoder(encoder)
+    require_text_tower(encoder, 'rave residual interpret')
     vocabulary = load_vocabulary(encoder, vocab, limit=limit, progress=progress)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise RaveError(f'--top must be a positive integer, got {top!r}.')
