@@ -24,7 +24,8 @@ def _vector(dim=4, seed=0, identity=None, embeddings=False):
     residual, threshold, v_well, v_back = residual_from_embeddings(well, back)
     return ResidualVector(residual=residual, threshold=threshold, well_lit_mean=v_well, backlit_mean=v_back,
                           counts={'well_lit': 5, 'backlit': 3}, encoder_identity=identity or {'type': 'test'},
-                          preprocess={'size': 8}, embeddings={'well_lit': well, 'backlit': back} if embeddings else None,
+                          preprocess={'size': 8},
+                          embeddings={'well_lit': well, 'backlit': back} if embeddings else None,
                           history=[{'step': 'compute'}])
 
 
@@ -196,7 +197,7 @@ def test_corrupt_files_skipped_and_reported(tiny_vit, image_sets, tmp_path, capl
     torch.testing.assert_close(vector.residual, clean.residual, atol=1e-6, rtol=0)
     skipped = vector.history[0]['skipped']['backlit']
     assert len(skipped) == 2 and any('broken.png' in s for s in skipped) and any('empty.jpg' in s for s in skipped)
-    assert '2 of 6 backlit images skipped' in caplog.text
+    assert '2 of 6 backlit images skipped' in caplog.text and 'broken.png' in caplog.text
     with pytest.raises(RaveError, match='broken.png.*strict'):
         compute_residual(tiny_vit, well, damaged, strict=True, progress=False)
 
@@ -362,6 +363,12 @@ def test_shifted_residual_matches_hand_computation(tiny_vit, image_sets, tmp_pat
     ResidualVector.load(tmp_path / 'shifted.safetensors').check_encoder(tiny_vit)
     with pytest.raises(RaveError, match='larger than the vocabulary'):
         shift_residual(vector, tiny_vit, remove_top=3001, remove_bottom=1, limit=3000, progress=False)
+    # the single entry point the RAVE model calls (options block {remove_top, remove_bottom})
+    from rave_basicsr.residual.debias import debias_residual
+    same = debias_residual(vector, tiny_vit, remove_top=4, remove_bottom=3, limit=3000, progress=False)
+    assert torch.equal(same.residual, new.residual)
+    with pytest.raises(RaveError, match='not both'):
+        debias_residual(vector, tiny_vit, remove_top=4, concepts=['sky'])
 
 
 def test_concept_removal_is_orthogonal(tiny_vit, image_sets):

@@ -2,10 +2,9 @@
 import argparse
 import json
 import os
-import sys
 
 from rave_basicsr.residual.compute import compute_residual
-from rave_basicsr.residual.debias import remove_concepts, shift_residual
+from rave_basicsr.residual.debias import check_debias_options, debias_residual
 from rave_basicsr.residual.encoder_spec import build_encoder_from_spec
 from rave_basicsr.residual.interpret import format_tables, interpret_residual
 from rave_basicsr.residual.plot import save_plot
@@ -65,23 +64,16 @@ def _refuse_existing(path: str, overwrite: bool) -> None:
         raise RaveError(f'{path} already exists; choose another output name or pass --overwrite.')
 
 
-def _print_skipped(vector: ResidualVector) -> None:
-    for name, messages in vector.history[0].get('skipped', {}).items():
-        if messages:
-            print(f'skipped {len(messages)} unreadable {name.replace("_", "-")} image(s):', file=sys.stderr)
-            for message in messages:
-                print(f'  {message}', file=sys.stderr)
-
-
 def run_compute(args: argparse.Namespace) -> int:
     _refuse_existing(args.output, args.overwrite)
     encoder = build_encoder_from_spec(args.encoder)
     vector = compute_residual(encoder, args.well_lit, args.backlit, batch_size=args.batch_size,
                               num_workers=args.workers, strict=args.strict, keep_embeddings=args.keep_embeddings)
     vector.save(args.output, overwrite=args.overwrite)
-    _print_skipped(vector)
+    skipped = {k: len(v) for k, v in vector.history[0]['skipped'].items()}
     print(f'wrote {args.output}: {vector.counts["well_lit"]} well-lit and {vector.counts["backlit"]} backlit '
-          f'images, {vector.dim}-d, threshold {vector.threshold:.6f}')
+          f'images ({skipped["well_lit"]} and {skipped["backlit"]} unreadable ones skipped), {vector.dim}-d, '
+          f'threshold {vector.threshold:.6f}')
     return 0
 
 
@@ -100,21 +92,15 @@ def run_interpret(args: argparse.Namespace) -> int:
 
 
 def run_debias(args: argparse.Namespace) -> int:
-    by_tokens = args.remove_top is not None or args.remove_bottom is not None
-    if by_tokens == bool(args.remove_concept):
-        raise RaveError('give either --remove-top/--remove-bottom K (the originals\' shifted residual) or '
-                        '--remove-concept TEXT ..., not both and not neither.')
+    check_debias_options(args.remove_top, args.remove_bottom, args.remove_concept)
     _refuse_existing(args.output, args.overwrite)
     vector = ResidualVector.load(args.file)
     encoder = build_encoder_from_spec(args.encoder)
-    if by_tokens:
-        new = shift_residual(vector, encoder, remove_top=args.remove_top or 0, remove_bottom=args.remove_bottom or 0,
-                             vocab=args.vocab, limit=args.vocab_limit)
-    else:
-        new = remove_concepts(vector, encoder, args.remove_concept)
+    new = debias_residual(vector, encoder, remove_top=args.remove_top, remove_bottom=args.remove_bottom,
+                          concepts=args.remove_concept, vocab=args.vocab, limit=args.vocab_limit)
     new.save(args.output, overwrite=args.overwrite)
     step = new.history[-1]
-    if by_tokens:
+    if step['step'] == 'remove_tokens':
         print('removed the direction of the top entries:', ' '.join(repr(t) for t, _ in step['top']) or '-')
         print('and of the bottom entries:', ' '.join(repr(t) for t, _ in step['bottom']) or '-')
     else:

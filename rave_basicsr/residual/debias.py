@@ -100,3 +100,23 @@ def remove_concepts(vector: ResidualVector, encoder: Any, concepts: Sequence[str
     new = vector.with_direction(remove_direction(vector.residual, directions), step)
     new.history[-1].update(_report(vector, new))
     return new
+
+
+def check_debias_options(remove_top: Optional[int], remove_bottom: Optional[int],
+                         concepts: Optional[Sequence[str]]) -> str:
+    """``'tokens'`` or ``'concepts'``; a RaveError unless exactly one kind of removal is asked for."""
+    by_tokens = remove_top is not None or remove_bottom is not None
+    if by_tokens == bool(concepts):
+        raise RaveError('give either --remove-top/--remove-bottom K (the originals\' shifted residual) or '
+                        '--remove-concept TEXT ..., not both and not neither.')
+    return 'tokens' if by_tokens else 'concepts'
+
+
+def debias_residual(vector: ResidualVector, encoder: Any, remove_top: Optional[int] = None,
+                    remove_bottom: Optional[int] = None, concepts: Optional[Sequence[str]] = None,
+                    vocab: str = 'clip', limit: Optional[int] = None, progress: bool = True) -> ResidualVector:
+    """One entry point for both kinds: token counts (a side not given is 0) or ``concepts``, not both."""
+    if check_debias_options(remove_top, remove_bottom, concepts) == 'tokens':
+        return shift_residual(vector, encoder, remove_top=remove_top or 0, remove_bottom=remove_bottom or 0,
+                              vocab=vocab, limit=limit, progress=progress)
+    return remove_concepts(vector, encoder, concepts)
