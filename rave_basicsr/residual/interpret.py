@@ -9,7 +9,7 @@ strings that differ only by the end-of-word marker (``"sun"`` vs ``"sun "``) sta
 Speed: a one-token prompt occupies only its first few positions, and the CLIP text transformer is causal, so the
 end-of-text output depends on those positions only. Prompts are therefore encoded over the shortest prefix that
 holds their end-of-text token, which is mathematically identical to the full 77-position ``encode_text`` (a test
-checks it) and about ten times faster. The vocabulary's embeddings are cached on disk once per encoder identity
+checks it) and several times faster. The vocabulary's embeddings are cached on disk once per encoder identity
 (``$RAVE_CACHE_DIR/vocab`` or ``~/.cache/rave_basicsr/vocab``).
 """
 import hashlib
