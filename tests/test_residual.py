@@ -207,8 +207,8 @@ def test_compute_bad_folders(tiny_vit, image_sets, tmp_path):
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'texts').mkdir()
     (tmp_path / 'texts' / 'notes.txt').write_text('no images here')
-    for folder in ('empty', 'texts'):
-        with pytest.raises(RaveError, match='no image files'):
+    for folder, message in (('empty', 'folder is empty'), ('texts', 'no image files')):
+        with pytest.raises(RaveError, match=message):
             compute_residual(tiny_vit, well, tmp_path / folder, progress=False)
     with pytest.raises(RaveError, match='not found'):
         compute_residual(tiny_vit, tmp_path / 'missing', well, progress=False)

@@ -114,10 +114,10 @@ def test_empty_and_image_less_folders(sets, tmp_path, capsys):
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'docs').mkdir()
     (tmp_path / 'docs' / 'readme.txt').write_text('not an image')
-    for folder in ('empty', 'docs'):
+    for folder, message in (('empty', 'folder is empty'), ('docs', 'no image files')):
         assert main(['residual', 'compute', '--well-lit', str(well), '--backlit', str(tmp_path / folder),
                      '--encoder', TINY, '-o', str(tmp_path / 'r.safetensors')]) == 2
-        assert 'no image files' in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     assert not (tmp_path / 'r.safetensors').exists()
 
 
