@@ -142,6 +142,12 @@ class FrozenImageEncoder(nn.Module):
     def _require_text(self, what: str) -> None:
         require_text_tower(self, what)
 
+    @property
+    def tokenizer(self) -> Any:
+        """The open_clip tokenizer (``decode`` lists the vocabulary for residual interpretation)."""
+        self._require_text('tokenizer')
+        return self._tokenizer
+
     def tokenize(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
         """Texts -> ``[N, context_length]`` token ids on the encoder's device."""
         self._require_text('tokenize')

@@ -58,11 +58,6 @@ def cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / '.cache' / 'rave_basicsr') / 'vocab'
 
 
-def _tokenizer(encoder: Any) -> Any:
-    # FrozenImageEncoder exposes tokenize() but not the tokenizer object, whose decode() the vocabulary needs
-    return encoder._tokenizer
-
-
 def _can_truncate(network: nn.Module) -> bool:
     """True for open_clip CLIP text towers with a causal mask and end-of-text pooling (prefix encoding is exact)."""
     return (getattr(network, 'attn_mask', None) is not None and hasattr(network, 'token_embedding')
@@ -103,7 +98,7 @@ def encode_prompts(encoder: Any, texts: Sequence[str], batch_size: int = PROMPT_
 def decode_vocabulary(encoder: Any, limit: Optional[int] = None) -> List[str]:
     """Every token id decoded to its string (the first ``limit`` ids when given), as the RAVE code does."""
     require_text_tower(encoder, 'ranking the vocabulary')
-    tokenizer = _tokenizer(encoder)
+    tokenizer = encoder.tokenizer
     if not hasattr(tokenizer, 'decode') or not hasattr(tokenizer, 'encoder'):
         raise RaveError(f'the tokenizer of encoder {canonical_identity(encoder.identity)} '
                         f'({type(tokenizer).__name__}) cannot list its vocabulary; use a word list (--vocab FILE).')
@@ -117,7 +112,7 @@ def decode_vocabulary(encoder: Any, limit: Optional[int] = None) -> List[str]:
 
 def _cache_path(encoder: Any, limit: Optional[int]) -> Path:
     key = json.dumps({'identity': json.loads(canonical_identity(encoder.identity)), 'limit': limit,
-                      'tokenizer': type(_tokenizer(encoder)).__name__, 'version': VOCAB_CACHE_VERSION},
+                      'tokenizer': type(encoder.tokenizer).__name__, 'version': VOCAB_CACHE_VERSION},
                      sort_keys=True)
     return cache_dir() / f'{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors'
 
