@@ -1,0 +1,212 @@
+"""Tensor-level CLIP guidance losses of CLIP-LIT, CLIP-LIT-Latent and RAVE (spec §1.3, §2.3, §2.5, §2.6, §4.2).
+
+The losses never own an encoder: the model encodes images with its frozen encoders and passes embeddings or
+feature lists. Each loss has ``loss_weight`` (default 1.0); the official factors — 22.5 (identity, 0.9 · 25),
+25 (identity warm-up), 320 (prompt/latent guidance, 16 · 20), 1920 (RAVE, 6 · 320) and 200 (ranking) — are set in
+the option files, so that a loss value read in isolation is the unscaled quantity of the spec. Every other default
+reproduces the official code. The guidance pair is ``[2, D]``: row 0 negative (backlit), row 1 positive (well-lit).
+"""
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from basicsr.utils.registry import LOSS_REGISTRY
+from torch import nn
+
+from rave_basicsr.utils.errors import RaveError
+
+REDUCTIONS = ('mean', 'sum', 'none')
+
+
+def _check_weight(loss_weight: float, name: str) -> float:
+    if isinstance(loss_weight, bool) or not isinstance(loss_weight, (int, float)):
+        raise RaveError(f'{name}: option "loss_weight" must be a number, got {loss_weight!r}.')
+    return float(loss_weight)
+
+
+def _check_choice(value: str, choices: Sequence[str], key: str, name: str) -> str:
+    if value not in choices:
+        raise RaveError(f'{name}: option "{key}" must be one of {list(choices)}, got {value!r}.')
+    return value
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == 'mean':
+        return values.mean()
+    if reduction == 'sum':
+        return values.sum()
+    return values
+
+
+def _check_pair(guidance: torch.Tensor, embeds: torch.Tensor, name: str) -> None:
+    if guidance.dim() != 2 or guidance.shape[0] != 2:
+        raise RaveError(f'{name}: the guidance pair must be a [2, D] tensor (negative, positive), '
+                        f'got {list(guidance.shape)}.')
+    if embeds.dim() != 2 or embeds.shape[1] != guidance.shape[1]:
+        raise RaveError(f'{name}: image embeddings {list(embeds.shape)} do not match the guidance pair '
+                        f'{list(guidance.shape)}; both must share the embedding size D of one encoder.')
+
+
+def negative_probability(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """``[B]`` softmax probability of the negative (backlit) member over ``scale · cos`` similarities."""
+    logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
+    return logits.softmax(dim=-1)[:, 0]
+
+
+@LOSS_REGISTRY.register()
+class CLIPIdentityLoss(nn.Module):
+    """Identity (content) loss on encoder feature maps (spec §1.3).
+
+    ``L = reduce_b Σ_l w_l · MSE(Φ_l(out_b), Φ_l(in_b))`` with the MSE a mean over C×H×W. The originals *sum* over
+    the batch (``batch_reduction: sum``) and use ``layer_weights [1, 1, 1, 1, 0.5]`` in guided training and
+    ``[1, 1, 1, 1, 1]`` in the reconstruction warm-up (pass ``layer_weights`` to ``forward`` to switch).
+    """
+
+    def __init__(self, loss_weight: float = 1.0, layer_weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0, 0.5),
+                 batch_reduction: str = 'sum') -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'CLIPIdentityLoss')
+        self.layer_weights = self._check_layer_weights(layer_weights)
+        self.batch_reduction = _check_choice(batch_reduction, ('sum', 'mean'), 'batch_reduction', 'CLIPIdentityLoss')
+
+    @staticmethod
+    def _check_layer_weights(weights: Sequence[float]) -> list:
+        if (not isinstance(weights, (list, tuple)) or not weights
+                or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0 for w in weights)):
+            raise RaveError(f'CLIPIdentityLoss: option "layer_weights" must be a list of non-negative numbers, one '
+                            f'per feature map (stem, layer1..layer4), got {weights!r}.')
+        return [float(w) for w in weights]
+
+    def forward(self, output_features: Sequence[torch.Tensor], input_features: Sequence[torch.Tensor],
+                layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+        weights = self.layer_weights if layer_weights is None else self._check_layer_weights(layer_weights)
+        if not (len(output_features) == len(input_features) == len(weights)):
+            raise RaveError(f'CLIPIdentityLoss: {len(weights)} layer weights (option "layer_weights") for '
+                            f'{len(output_features)} output and {len(input_features)} input feature maps; '
+                            'give one weight per feature map.')
+        per_image = 0.0
+        for weight, out, inp in zip(weights, output_features, input_features):
+            if out.shape != inp.shape:
+                raise RaveError(f'CLIPIdentityLoss: feature maps differ in shape: {list(out.shape)} vs '
+                                f'{list(inp.shape)}.')
+            per_image = per_image + weight * (out.float() - inp.float()).pow(2).flatten(1).mean(dim=1)
+        return self.loss_weight * _reduce(per_image, self.batch_reduction)
+
+
+@LOSS_REGISTRY.register()
+class PromptGuidanceLoss(nn.Module):
+    """CLIP-LIT / CLIP-LIT-Latent guidance (spec §2.5): probability that an image matches the negative member.
+
+    ``p_neg = softmax(scale · [cos(e, g_0), cos(e, g_1)])[0]``, reduced over the batch (official: mean).
+    """
+
+    def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean') -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'PromptGuidanceLoss')
+        self.logit_scale = float(logit_scale)
+        self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptGuidanceLoss')
+
+    def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        _check_pair(guidance, image_embeds, 'PromptGuidanceLoss')
+        return self.loss_weight * _reduce(negative_probability(image_embeds, guidance, self.logit_scale),
+                                          self.reduction)
+
+
+@LOSS_REGISTRY.register()
+class PromptInitLoss(nn.Module):
+    """Prompt/latent initialisation (spec §2.3): cross-entropy of ``scale · ê · ĝᵀ`` with labels 0 backlit, 1 well-lit.
+
+    Image features are L2-normalised here too (a no-op for the precomputed normalised features of the originals).
+    """
+
+    def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean') -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'PromptInitLoss')
+        self.logit_scale = float(logit_scale)
+        self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptInitLoss')
+
+    def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        _check_pair(guidance, image_embeds, 'PromptInitLoss')
+        if labels.shape != image_embeds.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
+            raise RaveError(f'PromptInitLoss: labels must be an integer [B] tensor (0 backlit, 1 well-lit), got '
+                            f'{labels.dtype} {list(labels.shape)} for {image_embeds.shape[0]} images.')
+        logits = self.logit_scale * F.normalize(image_embeds.float(), dim=-1) @ F.normalize(guidance.float(),
+                                                                                            dim=-1).t()
+        return self.loss_weight * F.cross_entropy(logits, labels.long(), reduction=self.reduction)
+
+
+@LOSS_REGISTRY.register()
+class PromptRankingLoss(nn.Module):
+    """Rank (margin) loss for prompt/latent refinement (spec §2.6), with S(I) = p_neg(I).
+
+    ``forward(guidance, backlit, welllit, newest=None, previous=None)``; every set is a ``[B, D]`` embedding batch
+    of one encoder, and every term is ``mean_b max(0, S(x2) - S(x1) + m)`` (``nn.MarginRankingLoss``):
+
+    * 2 sets (no results yet): ``[S(w) - S(b) + 1.0]``;
+    * 3 sets (``newest`` = this round's results I_t): ``[S(w)-S(b)+0.9] + [S(I_t)-S(b)+0.9] + [S(w)-S(I_t)+0.2]``;
+    * 4 sets (``previous`` = I_{t-1}), official order ``S(b) > S(I_t) > S(I_{t-1}) > S(w)``:
+      ``[S(w)-S(b)+0.9] + [S(I_t)-S(b)+0.9] + [S(I_{t-1})-S(I_t)+0.1] + [S(w)-S(I_{t-1})+0.1]``.
+
+    ``newest_closer_to_backlit: false`` swaps I_t and I_{t-1} in the 4-set case (the ordering recalled from the
+    paper, spec §12.1); ``margins`` overrides the (large, small) margin pair of each variant.
+    """
+
+    DEFAULT_MARGINS = {2: (1.0, 0.2), 3: (0.9, 0.2), 4: (0.9, 0.1)}
+
+    def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean',
+                 margins: Optional[dict] = None, newest_closer_to_backlit: bool = True) -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'PromptRankingLoss')
+        self.logit_scale = float(logit_scale)
+        self.reduction = _check_choice(reduction, ('mean', 'sum'), 'reduction', 'PromptRankingLoss')
+        self.margins = dict(self.DEFAULT_MARGINS)
+        for key, pair in (margins or {}).items():
+            if int(key) not in self.margins or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise RaveError('PromptRankingLoss: option "margins" maps a number of image sets (2, 3 or 4) to '
+                                f'a [large, small] margin pair, got {key!r}: {pair!r}.')
+            self.margins[int(key)] = (float(pair[0]), float(pair[1]))
+        if not isinstance(newest_closer_to_backlit, bool):
+            raise RaveError('PromptRankingLoss: option "newest_closer_to_backlit" must be true or false.')
+        self.newest_closer_to_backlit = newest_closer_to_backlit
+
+    def _term(self, higher: torch.Tensor, lower: torch.Tensor, margin: float) -> torch.Tensor:
+        return _reduce(torch.clamp(lower - higher + margin, min=0.0), self.reduction)
+
+    def forward(self, guidance: torch.Tensor, backlit: torch.Tensor, welllit: torch.Tensor,
+                newest: Optional[torch.Tensor] = None, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if previous is not None and newest is None:
+            raise RaveError('PromptRankingLoss: "previous" results need "newest" results too.')
+        sets = [s for s in (backlit, welllit, newest, previous) if s is not None]
+        for embeds in sets:
+            _check_pair(guidance, embeds, 'PromptRankingLoss')
+        s_b, s_w = (negative_probability(e, guidance, self.logit_scale) for e in (backlit, welllit))
+        large, small = self.margins[len(sets)]
+        loss = self._term(s_b, s_w, large)
+        if newest is not None and previous is None:
+            s_t = negative_probability(newest, guidance, self.logit_scale)
+            loss = loss + self._term(s_b, s_t, large) + self._term(s_t, s_w, small)
+        elif previous is not None:
+            s_t, s_p = (negative_probability(e, guidance, self.logit_scale) for e in (newest, previous))
+            closer, farther = (s_t, s_p) if self.newest_closer_to_backlit else (s_p, s_t)
+            loss = (loss + self._term(s_b, closer, large) + self._term(closer, farther, small)
+                    + self._term(farther, s_w, small))
+        return self.loss_weight * loss
+
+
+@LOSS_REGISTRY.register()
+class ResidualVectorLoss(nn.Module):
+    """RAVE loss (spec §4.2): ``reduce_b (cos(e_b, v_residual) - threshold)²`` (official: mean over the batch)."""
+
+    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean') -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'ResidualVectorLoss')
+        self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'ResidualVectorLoss')
+
+    def forward(self, image_embeds: torch.Tensor, residual: torch.Tensor,
+                threshold: Union[float, torch.Tensor]) -> torch.Tensor:
+        if residual.dim() != 1 or image_embeds.dim() != 2 or image_embeds.shape[1] != residual.shape[0]:
+            raise RaveError(f'ResidualVectorLoss: image embeddings {list(image_embeds.shape)} and residual '
+                            f'{list(residual.shape)} must be [B, D] and [D] of one encoder.')
+        cosine = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(residual.float(), dim=0)
+        threshold = torch.as_tensor(threshold, dtype=cosine.dtype, device=cosine.device)
+        return self.loss_weight * _reduce((cosine - threshold).pow(2), self.reduction)
