@@ -1,0 +1,242 @@
+"""Residual-vector toolkit: the formula, the file format, computation from image sets, interpretation, debiasing."""
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rave_basicsr.residual.compute import compute_residual, residual_from_embeddings
+from rave_basicsr.residual.vector import ResidualVector
+from rave_basicsr.utils.errors import RaveError
+from tests.residual_helpers import STATS, TINY_VIT, make_sets
+
+
+def _unit(values):
+    v = np.asarray(values, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _vector(dim=4, seed=0, identity=None, embeddings=False):
+    gen = torch.Generator().manual_seed(seed)
+    well, back = torch.randn(5, dim, generator=gen) + 1.0, torch.randn(3, dim, generator=gen)
+    residual, threshold, v_well, v_back = residual_from_embeddings(well, back)
+    return ResidualVector(residual=residual, threshold=threshold, well_lit_mean=v_well, backlit_mean=v_back,
+                          counts={'well_lit': 5, 'backlit': 3}, encoder_identity=identity or {'type': 'test'},
+                          preprocess={'size': 8}, embeddings={'well_lit': well, 'backlit': back} if embeddings else None,
+                          history=[{'step': 'compute'}])
+
+
+# ------------------------------------------------------------------------------------------------ the formula
+def test_formula_matches_hand_computation():
+    well = [[3.0, 4.0, 0.0], [0.0, 2.0, 0.0]]
+    back = [[1.0, 0.0, 0.0], [0.0, 0.0, 5.0], [2.0, 0.0, 2.0]]
+    # by hand: normalise each row, average, re-normalise; residual = normalise(difference)
+    v_well = _unit(np.mean([_unit(r) for r in well], axis=0))   # mean of (0.6, 0.8, 0) and (0, 1, 0) = (0.3, 0.9, 0)
+    v_back = _unit(np.mean([_unit(r) for r in back], axis=0))
+    np.testing.assert_allclose(v_well, np.array([0.3, 0.9, 0.0]) / math.sqrt(0.9), atol=1e-12)
+    expected_residual = _unit(v_well - v_back)
+    residual, threshold, got_well, got_back = residual_from_embeddings(torch.tensor(well), torch.tensor(back))
+    assert residual.dtype == torch.float32 and residual.shape == (3,)
+    np.testing.assert_allclose(got_well.numpy(), v_well, atol=1e-6)
+    np.testing.assert_allclose(got_back.numpy(), v_back, atol=1e-6)
+    np.testing.assert_allclose(residual.numpy(), expected_residual, atol=1e-6)
+    assert threshold == pytest.approx(float(v_well @ expected_residual), abs=1e-6)
+    # the scale of an embedding must not matter (it is normalised before averaging)
+    scaled = torch.tensor(well) * torch.tensor([[10.0], [0.1]])
+    np.testing.assert_allclose(residual_from_embeddings(scaled, torch.tensor(back))[0].numpy(), expected_residual,
+                               atol=1e-6)
+
+
+def test_formula_bad_inputs():
+    with pytest.raises(RaveError, match='non-empty'):
+        residual_from_embeddings(torch.zeros(0, 3), torch.ones(2, 3))
+    with pytest.raises(RaveError, match='same encoder'):
+        residual_from_embeddings(torch.ones(2, 3), torch.ones(2, 4))
+    with pytest.raises(RaveError, match='zero vectors'):
+        residual_from_embeddings(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.ones(2, 2))
+    with pytest.raises(RaveError, match='same mean'):
+        residual_from_embeddings(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]]))
+    with pytest.raises(RaveError, match='NaN'):
+        residual_from_embeddings(torch.tensor([[float('nan'), 0.0]]), torch.tensor([[2.0, 0.0]]))
+
+
+# ------------------------------------------------------------------------------------------------ file format
+def test_save_load_round_trip(tmp_path):
+    vector = _vector(embeddings=True)
+    path = tmp_path / 'r.safetensors'
+    vector.save(path)
+    loaded = ResidualVector.load(path)
+    for key in ('residual', 'well_lit_mean', 'backlit_mean'):
+        assert torch.equal(getattr(loaded, key), getattr(vector, key))
+    assert loaded.threshold == vector.threshold
+    assert loaded.counts == vector.counts and loaded.encoder_identity == vector.encoder_identity
+    assert loaded.preprocess == vector.preprocess and loaded.history == vector.history
+    assert torch.equal(loaded.embeddings['well_lit'], vector.embeddings['well_lit'])
+    # the metadata is plain JSON in the safetensors header
+    from safetensors import safe_open
+    with safe_open(str(path), framework='pt') as handle:
+        meta = handle.metadata()
+    assert json.loads(meta['counts']) == {'well_lit': 5, 'backlit': 3}
+    assert meta['format'] == 'rave_basicsr.residual_vector'
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    path = tmp_path / 'r.safetensors'
+    path.write_bytes(b'user data')
+    with pytest.raises(RaveError, match='already exists.*--overwrite'):
+        _vector().save(path)
+    assert path.read_bytes() == b'user data'
+    _vector().save(path, overwrite=True)
+    assert ResidualVector.load(path).counts['well_lit'] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ['r.safetensors']  # no temporary file left behind
+
+
+def test_load_rejects_bad_files(tmp_path):
+    with pytest.raises(RaveError, match='does not exist'):
+        ResidualVector.load(tmp_path / 'missing.safetensors')
+    junk = tmp_path / 'junk.safetensors'
+    junk.write_bytes(b'\x00' * 40)
+    with pytest.raises(RaveError, match='cannot be read'):
+        ResidualVector.load(junk)
+    from safetensors.torch import save_file
+    other = tmp_path / 'other.safetensors'
+    save_file({'residual': torch.ones(3)}, str(other))
+    with pytest.raises(RaveError, match='not a rave_basicsr residual'):
+        ResidualVector.load(other)
+    # an inconsistent threshold (hand-edited header) is caught
+    vector = _vector()
+    vector.save(tmp_path / 'ok.safetensors')
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / 'ok.safetensors'), framework='pt') as handle:
+        meta = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    meta['threshold'] = json.dumps(vector.threshold + 0.1)
+    save_file(tensors, str(tmp_path / 'edited.safetensors'), metadata=meta)
+    with pytest.raises(RaveError, match='threshold'):
+        ResidualVector.load(tmp_path / 'edited.safetensors')
+    tensors['residual'] = tensors['residual'] * 2
+    save_file(tensors, str(tmp_path / 'norm.safetensors'), metadata=dict(meta, threshold=json.dumps(vector.threshold)))
+    with pytest.raises(RaveError, match='unit norm'):
+        ResidualVector.load(tmp_path / 'norm.safetensors')
+
+
+def test_check_encoder():
+    vector = _vector(identity={'type': 'open_clip', 'model': 'A', 'embed_dim': 4})
+    vector.check_encoder(SimpleNamespace(embed_dim=4, identity={'model': 'A', 'type': 'open_clip', 'embed_dim': 4}))
+    with pytest.raises(RaveError, match="another encoder.*model: file 'A' vs encoder 'B'"):
+        vector.check_encoder(SimpleNamespace(embed_dim=4, identity={'type': 'open_clip', 'model': 'B', 'embed_dim': 4}))
+    with pytest.raises(RaveError, match='4-dimensional.*8-dimensional'):
+        vector.check_encoder(SimpleNamespace(embed_dim=8, identity={'type': 'open_clip', 'model': 'A'}))
+
+
+# ------------------------------------------------------------------------------------------------ from images
+@pytest.fixture(scope='module')
+def tiny_vit():
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    return build_image_encoder(TINY_VIT)
+
+
+@pytest.fixture(scope='module')
+def image_sets(tmp_path_factory):
+    return make_sets(tmp_path_factory.mktemp('sets'))
+
+
+def test_compute_matches_encoding_each_image(tiny_vit, image_sets):
+    from rave_basicsr.guidance.preprocess import parse_preprocess
+    from rave_basicsr.utils.image_io import read_image
+
+    well, back = image_sets
+    vector = compute_residual(tiny_vit, well, back, batch_size=3, keep_embeddings=True, progress=False)
+    cfg = parse_preprocess({'resize': 'shorter_side_center_crop', 'interpolation': 'bicubic', 'antialias': True},
+                           default_size=32)
+    by_hand = {}
+    for key, folder in (('well_lit', well), ('backlit', back)):
+        rows = []
+        for path in sorted(folder.iterdir()):
+            image = torch.from_numpy(read_image(str(path)).rgb).permute(2, 0, 1)[None]
+            with torch.no_grad():
+                rows.append(tiny_vit.encode_image(image, preprocess=cfg)[0])
+        by_hand[key] = torch.stack(rows)
+        torch.testing.assert_close(vector.embeddings[key], by_hand[key], atol=1e-5, rtol=1e-5)
+    residual, threshold, _, _ = residual_from_embeddings(by_hand['well_lit'], by_hand['backlit'])
+    torch.testing.assert_close(vector.residual, residual, atol=1e-5, rtol=1e-5)
+    assert vector.threshold == pytest.approx(threshold, abs=1e-5)
+    assert vector.counts == {'well_lit': 5, 'backlit': 4}
+    assert vector.encoder_identity == tiny_vit.identity
+    assert vector.preprocess == cfg.to_dict()
+    assert vector.history[0]['step'] == 'compute' and vector.history[0]['skipped'] == {'well_lit': [], 'backlit': []}
+    vector.check_encoder(tiny_vit)
+
+
+def test_compute_is_deterministic(tiny_vit, image_sets, tmp_path):
+    well, back = image_sets
+    first = compute_residual(tiny_vit, well, back, batch_size=2, progress=False)
+    second = compute_residual(tiny_vit, well, back, batch_size=2, num_workers=2, progress=False)
+    assert torch.equal(first.residual, second.residual) and first.threshold == second.threshold
+    first.save(tmp_path / 'a.safetensors')
+    second.save(tmp_path / 'b.safetensors')
+    a, b = ResidualVector.load(tmp_path / 'a.safetensors'), ResidualVector.load(tmp_path / 'b.safetensors')
+    assert torch.equal(a.residual, b.residual) and torch.equal(a.well_lit_mean, b.well_lit_mean)
+    assert (a.threshold, a.counts, a.history, a.preprocess) == (b.threshold, b.counts, b.history, b.preprocess)
+
+
+def test_corrupt_files_skipped_and_reported(tiny_vit, image_sets, tmp_path, caplog):
+    well, back = image_sets
+    damaged = tmp_path / 'back'
+    damaged.mkdir()
+    for path in back.iterdir():
+        (damaged / path.name).write_bytes(path.read_bytes())
+    (damaged / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n truncated')
+    (damaged / 'empty.jpg').write_bytes(b'')
+    vector = compute_residual(tiny_vit, well, damaged, progress=False)
+    clean = compute_residual(tiny_vit, well, back, progress=False)
+    assert vector.counts == {'well_lit': 5, 'backlit': 4}
+    torch.testing.assert_close(vector.residual, clean.residual, atol=1e-6, rtol=0)
+    skipped = vector.history[0]['skipped']['backlit']
+    assert len(skipped) == 2 and any('broken.png' in s for s in skipped) and any('empty.jpg' in s for s in skipped)
+    assert '2 of 6 backlit images skipped' in caplog.text
+    with pytest.raises(RaveError, match='broken.png.*strict'):
+        compute_residual(tiny_vit, well, damaged, strict=True, progress=False)
+
+
+def test_compute_bad_folders(tiny_vit, image_sets, tmp_path):
+    well, _ = image_sets
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'texts').mkdir()
+    (tmp_path / 'texts' / 'notes.txt').write_text('no images here')
+    for folder in ('empty', 'texts'):
+        with pytest.raises(RaveError, match='no image files'):
+            compute_residual(tiny_vit, well, tmp_path / folder, progress=False)
+    with pytest.raises(RaveError, match='not found'):
+        compute_residual(tiny_vit, tmp_path / 'missing', well, progress=False)
+    (tmp_path / 'allbad').mkdir()
+    (tmp_path / 'allbad' / 'x.png').write_bytes(b'junk')
+    with pytest.raises(RaveError, match='none of the 1 images'):
+        compute_residual(tiny_vit, well, tmp_path / 'allbad', progress=False)
+
+
+def test_compute_from_lmdb_equals_folder(tiny_vit, image_sets, tmp_path):
+    from rave_basicsr.data.lmdb_util import make_lmdb
+
+    well, back = image_sets
+    make_lmdb(str(back), str(tmp_path / 'back.lmdb'))
+    from_lmdb = compute_residual(tiny_vit, well, tmp_path / 'back.lmdb', progress=False)
+    from_folder = compute_residual(tiny_vit, well, back, progress=False)
+    assert torch.equal(from_lmdb.residual, from_folder.residual)
+
+
+def test_image_only_encoder_native_sizes(image_sets):
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    from rave_basicsr.utils.image_io import read_image
+
+    stats = build_image_encoder(STATS)
+    well, back = image_sets
+    vector = compute_residual(stats, well, back, batch_size=4, keep_embeddings=True, progress=False)
+    first = torch.from_numpy(read_image(str(sorted(well.iterdir())[0])).rgb).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(vector.embeddings['well_lit'][0], stats.encode_image(first)[0])
+    assert vector.preprocess['resize'] == 'none' and vector.dim == stats.embed_dim
+    # the residual points from dark to bright: the brightness-grid coordinates grow along it
+    assert float(vector.residual[:16].sum()) > 0
