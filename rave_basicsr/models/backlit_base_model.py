@@ -439,6 +439,11 @@ class BacklitBaseModel(BaseModel):
         return usable
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """Validate without touching the training RNG (a resumed run skips this validation)."""
+        with torch.random.fork_rng(devices=[]):
+            self._validate(dataloader, current_iter, tb_logger, save_img)
+
+    def _validate(self, dataloader, current_iter, tb_logger, save_img) -> None:
         dataset_name = dataloader.dataset.opt['name']
         val_opt = self.opt['val']
         metrics = self.usable_metrics(dataset_name)
