@@ -7,6 +7,7 @@ format and bit depth, alpha carried through, EXIF orientation applied, existing 
 ``overwrite``, atomic writes, and one unreadable file does not stop the others (it is reported in the summary).
 """
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -185,7 +186,14 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = {}
-    bar = tqdm(jobs, unit='img', disable=not progress, dynamic_ncols=True)
+    bar = tqdm(jobs, unit='img', disable=not progress, dynamic_ncols=True, file=sys.stderr)
+
+    def report(text: str) -> None:  # per-image lines go above the progress bar
+        if progress:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            echo(text)
+
     for source, relative in bar:
         target = out_dir / relative.parent / (relative.name + output_extension(source, output_format))
         if target in planned:
@@ -203,11 +211,11 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
             message = str(exc)
             message = message[len(str(source)):].lstrip(': ') if message.startswith(str(source)) else message
             summary.failed.append((str(source), message))
-            (bar.write if progress else echo)(f'failed  {source}: {message}')
+            report(f'failed  {source}: {message}')
             continue
         seconds = time.perf_counter() - begin
         summary.written.append((str(source), str(target), seconds))
-        (bar.write if progress else echo)(f'{seconds:6.2f} s  {source} -> {target}')
+        report(f'{seconds:6.2f} s  {source} -> {target}')
     bar.close()
     summary.seconds = time.perf_counter() - started
     return summary
