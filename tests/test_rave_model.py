@@ -57,22 +57,23 @@ def test_warmup_length_zero_trains_guided_from_the_start(data, tmp_path):
 
 
 def test_guided_loss_decreases_on_fixed_data(data, tmp_path):
-    options = rave_options('decrease', data, warmup_iters=0, crop=32)
-    options['train']['optim_g']['lr'] = 1e-3
+    options = rave_options('decrease', data, warmup_iters=30, crop=32)
+    options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)
+    options['train']['optim_g']['lr'] = 1e-4
     model = build(options, tmp_path)
     batch = train_batch(options)
     losses = []
-    for it in range(1, 16):
+    for it in range(1, 51):
         model.feed_data(batch)
         model.optimize_parameters(it)
-        losses.append(model.get_current_log()['guided/l_total'])
-    assert losses[-1] < 0.5 * losses[0], losses
+        if it > 30:
+            losses.append(model.get_current_log()['guided/l_total'])
+    assert losses[-1] < 0.7 * losses[0], losses
 
 
 def test_warmup_makes_the_network_close_to_identity(data, tmp_path):
     options = rave_options('identity', data, warmup_iters=1000, crop=32, batch=4)
-    options['train']['optim_g']['lr'] = 1e-3
-    options['train']['warmup']['reinit_psnr'] = None
+    options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)
     model = build(options, tmp_path)
     batch = train_batch(options, count=4)
     for it in range(1, 81):
