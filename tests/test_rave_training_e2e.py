@@ -164,3 +164,26 @@ def test_training_checkpoint_enhances_a_photo_with_rave_enhance(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = sorted((tmp_path / 'out').iterdir())
     assert len(outputs) == 2 and all(p.stat().st_size > 0 for p in outputs)
+
+
+def test_offline_demo_raises_psnr_against_ground_truth(tmp_path):
+    """The demo option file, as shipped (100 warm-up + 100 guided iterations), on `rave demo-data` output."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data']
+    assert subprocess.run(command, cwd=tmp_path, capture_output=True, env=env(), timeout=120).returncode == 0
+    result = run_basicsr(['train', '-opt', str(REPO / 'options/demo/train_rave_demo.yml'), '--force_yml',
+                          'logger:use_tb_logger=false'],
+                         cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(tmp_path / 'experiments' / 'RAVE_demo')
+    enhanced = float(re.findall(r'# psnr: (\d+\.\d+)', log)[-1])
+    import numpy as np
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+    from rave_basicsr.utils.image_io import read_image
+
+    def load(path):
+        return np.round(read_image(str(path)).rgb * 255)
+
+    val = tmp_path / 'demo' / 'data'
+    before = np.mean([calculate_psnr(load(p), load(val / 'val_gt' / p.name), 0)
+                      for p in sorted((val / 'val_backlit').iterdir())])
+    assert enhanced >= before + 3.0, (before, enhanced)
