@@ -10,7 +10,7 @@ import torch
 from rave_basicsr.residual.compute import compute_residual, residual_from_embeddings
 from rave_basicsr.residual.vector import ResidualVector
 from rave_basicsr.utils.errors import RaveError
-from tests.residual_helpers import STATS, TINY_VIT, make_sets
+from tests.residual_helpers import STATS, TINY_VIT, TINY_VIT_OTHER_SEED, make_sets
 
 
 def _unit(values):
@@ -24,7 +24,8 @@ def _vector(dim=4, seed=0, identity=None, embeddings=False):
     residual, threshold, v_well, v_back = residual_from_embeddings(well, back)
     return ResidualVector(residual=residual, threshold=threshold, well_lit_mean=v_well, backlit_mean=v_back,
                           counts={'well_lit': 5, 'backlit': 3}, encoder_identity=identity or {'type': 'test'},
-                          preprocess={'size': 8}, embeddings={'well_lit': well, 'backlit': back} if embeddings else None,
+                          preprocess={'size': 8},
+                          embeddings={'well_lit': well, 'backlit': back} if embeddings else None,
                           history=[{'step': 'compute'}])
 
 
@@ -196,7 +197,7 @@ def test_corrupt_files_skipped_and_reported(tiny_vit, image_sets, tmp_path, capl
     torch.testing.assert_close(vector.residual, clean.residual, atol=1e-6, rtol=0)
     skipped = vector.history[0]['skipped']['backlit']
     assert len(skipped) == 2 and any('broken.png' in s for s in skipped) and any('empty.jpg' in s for s in skipped)
-    assert '2 of 6 backlit images skipped' in caplog.text
+    assert '2 of 6 backlit images skipped' in caplog.text and 'broken.png' in caplog.text
     with pytest.raises(RaveError, match='broken.png.*strict'):
         compute_residual(tiny_vit, well, damaged, strict=True, progress=False)
 
@@ -240,3 +241,149 @@ def test_image_only_encoder_native_sizes(image_sets):
     assert vector.preprocess['resize'] == 'none' and vector.dim == stats.embed_dim
     # the residual points from dark to bright: the brightness-grid coordinates grow along it
     assert float(vector.residual[:16].sum()) > 0
+
+
+# ------------------------------------------------------------------------------------------------ interpretation
+@pytest.fixture(scope='module', autouse=True)
+def vocab_cache(tmp_path_factory):
+    """A private vocabulary cache for this module's tests (never ~/.cache; the full vocabulary is computed once)."""
+    folder = tmp_path_factory.mktemp('cache')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('RAVE_CACHE_DIR', str(folder))
+        yield folder
+
+
+def _vector_along(direction, encoder, seed=0):
+    """A consistent ResidualVector whose residual is ``direction`` (for ranking tests)."""
+    residual = (direction / direction.norm()).float()
+    gen = torch.Generator().manual_seed(seed)
+    well = torch.nn.functional.normalize(residual + 0.3 * torch.randn(residual.shape, generator=gen), dim=0)
+    back = torch.nn.functional.normalize(well - residual, dim=0)
+    return ResidualVector(residual=residual, threshold=float(well.double() @ residual.double()), well_lit_mean=well,
+                          backlit_mean=back, counts={'well_lit': 1, 'backlit': 1},
+                          encoder_identity=dict(encoder.identity), preprocess={}, history=[])
+
+
+def test_prefix_encoding_equals_encode_text(tiny_vit):
+    from rave_basicsr.residual.interpret import decode_vocabulary, encode_prompts
+
+    texts = decode_vocabulary(tiny_vit, limit=4000)[::37] + ['a backlit photo of a person', 'sunlight']
+    with torch.no_grad():
+        full = tiny_vit.encode_text(tiny_vit.tokenize(texts))
+    torch.testing.assert_close(encode_prompts(tiny_vit, texts, batch_size=16), full, atol=2e-5, rtol=1e-5)
+
+
+def test_token_embedding_residual_ranks_that_token_first(tiny_vit, vocab_cache):
+    from rave_basicsr.residual.interpret import clip_vocabulary, encode_prompts, interpret_residual
+
+    vocabulary = clip_vocabulary(tiny_vit, progress=False)   # full 49408-id vocabulary, duplicates collapsed
+    assert 40000 < len(vocabulary.texts) < 49408 and len(set(vocabulary.texts)) == len(vocabulary.texts)
+    assert list(vocab_cache.glob('vocab/*.safetensors'))
+    for word in ('sunlight ', 'shadow ', 'photo '):
+        vector = _vector_along(encode_prompts(tiny_vit, [word])[0], tiny_vit)
+        summary = interpret_residual(vector, tiny_vit, top=5, progress=False)
+        assert summary['top'][0]['score'] == pytest.approx(1.0, abs=1e-5)
+        # the winner is the token or a string that tokenises identically ('sunlight' vs 'sunlight ')
+        assert torch.equal(tiny_vit.tokenize(summary['top'][0]['text']), tiny_vit.tokenize(word))
+        assert summary['bottom'][0]['score'] == min(r['score'] for r in summary['bottom'])
+        anti = interpret_residual(_vector_along(-encode_prompts(tiny_vit, [word])[0], tiny_vit), tiny_vit, top=3,
+                                  progress=False)
+        assert torch.equal(tiny_vit.tokenize(anti['bottom'][0]['text']), tiny_vit.tokenize(word))
+
+
+def test_word_list_ranking(tiny_vit, tmp_path):
+    from rave_basicsr.residual.interpret import encode_prompts, interpret_residual
+
+    words = tmp_path / 'words.txt'
+    words.write_text('# lighting words\nbright\n\ndark\nsunny sky\nbright\n')
+    vector = _vector_along(encode_prompts(tiny_vit, ['sunny sky'])[0], tiny_vit)
+    summary = interpret_residual(vector, tiny_vit, vocab=str(words), top=3, progress=False)
+    assert summary['vocabulary']['size'] == 3 and summary['top'][0]['text'] == 'sunny sky'
+    with pytest.raises(RaveError, match='larger than the vocabulary'):
+        interpret_residual(vector, tiny_vit, vocab=str(words), top=4, progress=False)
+
+
+def test_interpret_needs_text_tower_and_same_encoder(tiny_vit, image_sets):
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    from rave_basicsr.residual.interpret import interpret_residual
+
+    stats = build_image_encoder(STATS)
+    well, back = image_sets
+    vector = compute_residual(stats, well, back, progress=False)
+    with pytest.raises(RaveError, match='text tower'):
+        interpret_residual(vector, stats, progress=False)
+    other = build_image_encoder(TINY_VIT_OTHER_SEED)
+    with pytest.raises(RaveError, match='another encoder.*init_seed'):
+        interpret_residual(_vector_along(torch.ones(32), tiny_vit), other, progress=False)
+
+
+def test_projection_2d(tiny_vit, image_sets):
+    from rave_basicsr.residual.interpret import projection_2d
+
+    well, back = image_sets
+    vector = compute_residual(tiny_vit, well, back, keep_embeddings=True, progress=False)
+    coords = projection_2d(vector)
+    assert coords['well_lit'].shape == (5, 2) and coords['backlit'].shape == (4, 2)
+    # x is the coordinate along the residual: the well-lit mean projects to the threshold
+    assert float(coords['means'][0, 0]) == pytest.approx(vector.threshold, abs=1e-6)
+    assert float(coords['well_lit'][:, 0].mean()) > float(coords['backlit'][:, 0].mean())
+    with pytest.raises(RaveError, match='--keep-embeddings'):
+        projection_2d(compute_residual(tiny_vit, well, back, progress=False))
+
+
+# ------------------------------------------------------------------------------------------------ debiasing
+def test_shifted_residual_matches_hand_computation(tiny_vit, image_sets, tmp_path):
+    from rave_basicsr.residual.debias import shift_residual
+    from rave_basicsr.residual.interpret import load_vocabulary
+
+    well, back = image_sets
+    vector = compute_residual(tiny_vit, well, back, progress=False)
+    new = shift_residual(vector, tiny_vit, remove_top=4, remove_bottom=3, limit=3000, progress=False)
+    # by hand, in numpy, following spec §4.4
+    vocab = load_vocabulary(tiny_vit, 'clip', limit=3000, progress=False)
+    emb = vocab.embeddings.double().numpy()
+    r = vector.residual.double().numpy()
+    scores = emb @ r / np.linalg.norm(emb, axis=1)
+    order = np.argsort(-scores, kind='stable')
+    top, bottom = order[:4], np.argsort(scores, kind='stable')[:3]
+    a = np.mean(emb[top] * scores[top, None], axis=0)
+    b = np.mean(emb[bottom] * scores[bottom, None], axis=0)
+    u = a / np.linalg.norm(a) + b / np.linalg.norm(b)
+    u /= np.linalg.norm(u)
+    expected = r - u * (u @ r)
+    expected /= np.linalg.norm(expected)
+    np.testing.assert_allclose(new.residual.numpy(), expected, atol=1e-6)
+    assert abs(float(new.residual.double() @ torch.from_numpy(u))) < 1e-6   # orthogonal to the removed direction
+    assert new.threshold == pytest.approx(float(vector.well_lit_mean.double() @ new.residual.double()), abs=1e-7)
+    step = new.history[-1]
+    assert step['step'] == 'remove_tokens' and [t for t, _ in step['top']] == [vocab.texts[i] for i in top]
+    assert step['cosine_to_previous'] == pytest.approx(float(r @ expected), abs=1e-6)
+    assert [h['step'] for h in new.history] == ['compute', 'remove_tokens']
+    new.save(tmp_path / 'shifted.safetensors')           # a valid file, ready for RAVE
+    ResidualVector.load(tmp_path / 'shifted.safetensors').check_encoder(tiny_vit)
+    with pytest.raises(RaveError, match='larger than the vocabulary'):
+        shift_residual(vector, tiny_vit, remove_top=3001, remove_bottom=1, limit=3000, progress=False)
+    # the single entry point the RAVE model calls (options block {remove_top, remove_bottom})
+    from rave_basicsr.residual.debias import debias_residual
+    same = debias_residual(vector, tiny_vit, remove_top=4, remove_bottom=3, limit=3000, progress=False)
+    assert torch.equal(same.residual, new.residual)
+    with pytest.raises(RaveError, match='not both'):
+        debias_residual(vector, tiny_vit, remove_top=4, concepts=['sky'])
+
+
+def test_concept_removal_is_orthogonal(tiny_vit, image_sets):
+    from rave_basicsr.residual.debias import remove_concepts
+    from rave_basicsr.residual.interpret import encode_prompts
+
+    well, back = image_sets
+    vector = compute_residual(tiny_vit, well, back, progress=False)
+    concepts = ['indoor', 'a photo of people', 'sky']
+    new = remove_concepts(vector, tiny_vit, concepts)
+    directions = torch.nn.functional.normalize(encode_prompts(tiny_vit, concepts).double(), dim=1)
+    assert (directions @ new.residual.double()).abs().max() < 1e-6
+    assert new.history[-1]['concepts'] == concepts
+    assert new.history[-1]['cosine_to_previous'] == pytest.approx(float(vector.residual @ new.residual), abs=1e-6)
+    with pytest.raises(RaveError, match='text tower'):
+        from rave_basicsr.guidance.encoders import build_image_encoder
+        stats = build_image_encoder(STATS)
+        remove_concepts(compute_residual(stats, well, back, progress=False), stats, ['sky'])

@@ -78,7 +78,7 @@ def residual_from_embeddings(well_lit: torch.Tensor, backlit: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------- data loading
-class _EncoderInputDataset(Dataset):
+class EncoderInputDataset(Dataset):
     """Decodes image ``i`` of a source and preprocesses it to encoder input size (no normalisation).
 
     Returns ``(index, image [3, H, W] float32 in [0, 1] or None, error message or None)``; read errors are
@@ -129,15 +129,14 @@ def resolve_preprocess(encoder: Any, preprocess: Union[None, str, Mapping[str, A
                         f'block, got {preprocess!r}.')
     if own is None and preprocess is None:
         return None
-    size = own.size if own is not None else 224
-    mean = own.mean if own is not None else None
-    std = own.std if own is not None else None
     block = dict(CLIP_PIL_APPROXIMATION if preprocess is None else preprocess)
-    kwargs = {'default_mean': mean, 'default_std': std} if own is not None else {}
-    return parse_preprocess(block, default_size=size, where='residual preprocess', **kwargs)
+    if own is None:  # raw-input encoder given an explicit block: CLIP defaults for what the block leaves out
+        return parse_preprocess(block, where='residual preprocess')
+    return parse_preprocess(block, default_size=own.size, default_mean=own.mean, default_std=own.std,
+                            where='residual preprocess')
 
 
-def _resize_only(cfg: PreprocessConfig) -> PreprocessConfig:
+def resize_only(cfg: PreprocessConfig) -> PreprocessConfig:
     """The geometric part of ``cfg`` (identity normalisation): what the loader workers apply."""
     return replace(cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
@@ -149,9 +148,10 @@ def _group_by_shape(images: Sequence[torch.Tensor]) -> List[List[int]]:
     return list(groups.values())
 
 
-def embed_source(encoder: Any, source: Any, cfg: Any, label: str, batch_size: int = 16, num_workers: int = 0,
-                 strict: bool = False, progress: bool = True) -> Tuple[torch.Tensor, List[str], List[str]]:
-    """``(embeddings [K, D] float32, names of the K embedded images, messages of skipped images)`` of one set.
+def embed_source(encoder: Any, source: ImageSource, cfg: Optional[PreprocessConfig], label: str,
+                 batch_size: int = 16, num_workers: int = 0, strict: bool = False,
+                 progress: bool = True) -> Tuple[torch.Tensor, List[str]]:
+    """``(embeddings [K, D] float32 of the K readable images, messages naming the skipped ones)`` of one set.
 
     Embeddings keep the source's sorted order; read failures are collected (``strict``: the first one raises).
     """
@@ -159,11 +159,10 @@ def embed_source(encoder: Any, source: Any, cfg: Any, label: str, batch_size: in
         raise RaveError(f'batch size must be a positive integer, got {batch_size!r}.')
     if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
         raise RaveError(f'number of workers must be a non-negative integer, got {num_workers!r}.')
-    dataset = _EncoderInputDataset(source, None if cfg is None else _resize_only(cfg))
+    dataset = EncoderInputDataset(source, None if cfg is None else resize_only(cfg))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate, persistent_workers=False,
                         prefetch_factor=4 if num_workers > 0 else None)
-    normalise_cfg = cfg
     device = encoder.device
     embeddings: Dict[int, torch.Tensor] = {}
     skipped: List[str] = []
@@ -180,8 +179,7 @@ def embed_source(encoder: Any, source: Any, cfg: Any, label: str, batch_size: in
             images = [image for _, image in good]
             for group in _group_by_shape(images):
                 batch = torch.stack([images[p] for p in group]).to(device)
-                out = encoder.encode_image(batch, preprocess=normalise_cfg) if normalise_cfg is not None \
-                    else encoder.encode_image(batch)
+                out = encoder.encode_image(batch, preprocess=cfg) if cfg is not None else encoder.encode_image(batch)
                 for position, row in zip(group, out.float().cpu()):
                     embeddings[good[position][0]] = row
             bar.update(len(items))
@@ -190,7 +188,7 @@ def embed_source(encoder: Any, source: Any, cfg: Any, label: str, batch_size: in
     if not order:
         raise RaveError(f'none of the {len(dataset)} images of the {label} set {source.dataroot} could be read:\n  '
                         + '\n  '.join(skipped[:20]))
-    return torch.stack([embeddings[i] for i in order]), [source.name(i) for i in order], skipped
+    return torch.stack([embeddings[i] for i in order]), skipped
 
 
 def compute_residual(encoder: Any, well_lit: Any, backlit: Any, preprocess: Union[None, str, Mapping] = None,
@@ -208,11 +206,11 @@ def compute_residual(encoder: Any, well_lit: Any, backlit: Any, preprocess: Unio
     embedded: Dict[str, torch.Tensor] = {}
     skipped: Dict[str, List[str]] = {}
     for key, source in sources.items():
-        embedded[key], _, skipped[key] = embed_source(encoder, source, cfg, key.replace('_', '-'), batch_size,
+        embedded[key], skipped[key] = embed_source(encoder, source, cfg, key.replace('_', '-'), batch_size,
                                                       num_workers, strict, progress)
         if skipped[key]:
-            logger.warning('%d of %d %s images skipped (unreadable): %s', len(skipped[key]), len(source), key,
-                           '; '.join(skipped[key][:5]) + (' ...' if len(skipped[key]) > 5 else ''))
+            logger.warning('%d of %d %s images skipped (unreadable):\n  %s', len(skipped[key]), len(source),
+                           key.replace('_', '-'), '\n  '.join(skipped[key]))
     residual, threshold, v_well, v_back = residual_from_embeddings(embedded['well_lit'], embedded['backlit'])
     step = {'step': 'compute', 'rave_basicsr': __version__,
             'sources': {k: s.dataroot for k, s in sources.items()},

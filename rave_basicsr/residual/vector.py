@@ -215,4 +215,4 @@ class ResidualVector:
                               backlit_mean=self.backlit_mean.clone(), counts=dict(self.counts),
                               encoder_identity=dict(self.encoder_identity), preprocess=dict(self.preprocess),
                               embeddings=None if self.embeddings is None else dict(self.embeddings),
-                              history=list(self.history) + [step])
+                              history=list(self.history) + [dict(step)])
