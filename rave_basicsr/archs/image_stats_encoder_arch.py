@@ -2,8 +2,8 @@
 
 Pretrained CLIP weights cannot be had offline, and a randomly initialised CLIP embeds nothing meaningful, so RAVE's
 residual guidance would do no visible work there. This encoder maps an image to hand-designed exposure statistics
-(coarse luminance grid, per-channel mean and spread, luminance spread, a soft luminance histogram), each centred so
-that a mid-grey, evenly exposed image sits near the origin. The residual between the mean embeddings of well-lit
+(coarse luminance grid, per-channel mean and spread, luminance spread, a soft cumulative luminance histogram), each
+centred so that a mid-grey, evenly exposed image sits near the origin. The residual between the mean embeddings of well-lit
 and backlit images then points towards "brighter, less bimodal, less contrasty", and RAVE's loss on it pushes a
 backlit image towards well-lit statistics. It has no learnable parameters; it is registered in ``ARCH_REGISTRY`` and
 used through ``build_image_encoder({'type': 'arch', 'network': {'type': 'ImageStatsEncoder'}})``.
@@ -28,26 +28,29 @@ class ImageStatsEncoder(nn.Module):
     * ``grid_size**2`` coarse luminance cells (area means), ``2 * y - 1``;
     * 3 per-channel means, ``2 * m - 1``;
     * 3 per-channel standard deviations and 1 luminance standard deviation, ``4 * s - 1`` (0.5 is the maximum);
-    * ``histogram_bins`` soft luminance histogram masses (Gaussian kernels of width ``histogram_sigma`` bins,
-      normalised per pixel), ``bins * h - 1`` so that a flat histogram is 0.
+    * ``histogram_levels`` soft cumulative-histogram values: the fraction of pixels darker than each level
+      ``(k + 0.5) / levels`` (a sigmoid of width ``histogram_softness`` in luminance units), ``2 * F - 1``.
+
+    The histogram is cumulative on purpose: brightening any pixel lowers every value, so gradients are monotone
+    (a binned soft histogram pulls pixels towards the nearest bin centre, often the wrong way).
     """
 
-    def __init__(self, grid_size: int = 4, histogram_bins: int = 8, histogram_sigma: float = 0.5) -> None:
+    def __init__(self, grid_size: int = 4, histogram_levels: int = 8, histogram_softness: float = 0.05) -> None:
         super().__init__()
         if not isinstance(grid_size, int) or grid_size < 1:
             raise RaveError(f'ImageStatsEncoder: option "grid_size" must be a positive integer, got {grid_size!r}.')
-        if not isinstance(histogram_bins, int) or histogram_bins < 2:
-            raise RaveError('ImageStatsEncoder: option "histogram_bins" must be an integer >= 2, '
-                            f'got {histogram_bins!r}.')
-        if not histogram_sigma > 0:
-            raise RaveError('ImageStatsEncoder: option "histogram_sigma" (in bins) must be positive, '
-                            f'got {histogram_sigma!r}.')
+        if not isinstance(histogram_levels, int) or histogram_levels < 1:
+            raise RaveError('ImageStatsEncoder: option "histogram_levels" must be a positive integer, '
+                            f'got {histogram_levels!r}.')
+        if not isinstance(histogram_softness, (int, float)) or not histogram_softness > 0:
+            raise RaveError('ImageStatsEncoder: option "histogram_softness" (luminance units) must be positive, '
+                            f'got {histogram_softness!r}.')
         self.grid_size = grid_size
-        self.histogram_bins = histogram_bins
-        self.sigma = float(histogram_sigma) / histogram_bins
-        self.embed_dim = grid_size * grid_size + 3 + 4 + histogram_bins
-        centres = (torch.arange(histogram_bins, dtype=torch.float32) + 0.5) / histogram_bins
-        self.register_buffer('bin_centres', centres.view(1, histogram_bins, 1), persistent=False)
+        self.histogram_levels = histogram_levels
+        self.softness = float(histogram_softness)
+        self.embed_dim = grid_size * grid_size + 3 + 4 + histogram_levels
+        levels = (torch.arange(histogram_levels, dtype=torch.float32) + 0.5) / histogram_levels
+        self.register_buffer('levels', levels.view(1, histogram_levels, 1), persistent=False)
         self.register_buffer('luma', torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
@@ -61,14 +64,12 @@ class ImageStatsEncoder(nn.Module):
         channel_mean = flat.mean(dim=2)
         channel_std = flat.std(dim=2, unbiased=False)
         luma_std = luma.flatten(1).std(dim=1, unbiased=False, keepdim=True)
-        weights = torch.exp(-0.5 * ((luma.flatten(2) - self.bin_centres) / self.sigma) ** 2)  # [B, bins, HW]
-        weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        histogram = weights.mean(dim=2)
+        cumulative = torch.sigmoid((self.levels - luma.flatten(2)) / self.softness).mean(dim=2)  # [B, levels]
         embedding = torch.cat([
             2.0 * grid - 1.0,
             2.0 * channel_mean - 1.0,
             4.0 * channel_std - 1.0,
             4.0 * luma_std - 1.0,
-            self.histogram_bins * histogram - 1.0,
+            2.0 * cumulative - 1.0,
         ], dim=1)
         return embedding.view(batch, self.embed_dim)

@@ -15,7 +15,6 @@ still moves it. Weights that cannot be had offline fail at once with a message n
 import difflib
 import hashlib
 import json
-import logging
 import os
 import socket
 import warnings
@@ -31,7 +30,6 @@ from rave_basicsr.guidance.preprocess import PreprocessConfig, parse_preprocess,
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import torch_load_safe
 
-logger = logging.getLogger('rave_basicsr')
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 #: the tiny random-init open_clip configs shipped for tests (never for real use)
@@ -551,14 +549,16 @@ def _build_arch(opt: Mapping[str, Any], where: str) -> FrozenImageEncoder:
                         'module, e.g. network: {type: ImageStatsEncoder}.')
     net_opt = deepcopy(dict(net_opt))
     arch_type = net_opt.pop('type')
-    if arch_type not in ARCH_REGISTRY:
+    try:
+        arch_class = ARCH_REGISTRY.get(arch_type)  # also finds BasicSR's suffixed names ('<name>_basicsr')
+    except KeyError:
         raise RaveError(f'{where}: network type {arch_type!r} is not in ARCH_REGISTRY. Close matches: '
-                        f'{_close(arch_type, list(ARCH_REGISTRY.keys())) or "none"}.')
+                        f'{_close(arch_type, list(ARCH_REGISTRY.keys())) or "none"}.') from None
     pretrained = opt.get('pretrained')
     precision = _parse_precision(opt, where)
     seed = _parse_seed(opt, where)
     try:
-        net = _seeded(seed, lambda: ARCH_REGISTRY.get(arch_type)(**net_opt))
+        net = _seeded(seed, lambda: arch_class(**net_opt))
     except TypeError as exc:
         raise RaveError(f'{where}: network {arch_type!r} rejects options {net_opt}: {exc}') from None
     identity: Dict[str, Any] = {'type': 'arch', 'network': {'type': arch_type, **dict(sorted(net_opt.items()))}}

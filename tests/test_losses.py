@@ -1,0 +1,149 @@
+"""CLIP guidance losses against independent hand computations on small tensors (spec §1.3, §2.3-2.6, §4.2)."""
+import math
+
+import pytest
+import torch
+from basicsr.losses import build_loss
+
+from rave_basicsr.guidance.encoders import build_image_encoder
+from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
+                                                    PromptRankingLoss, ResidualVectorLoss)
+from rave_basicsr.utils.errors import RaveError
+
+
+def unit(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def p_neg_hand(e, g):
+    """Softmax over 100·cos with the (negative, positive) pair, by plain Python arithmetic."""
+    e = unit(e)
+    sims = [100 * sum(a * b for a, b in zip(e, unit(gi))) for gi in g]
+    m = max(sims)
+    exps = [math.exp(s - m) for s in sims]
+    return exps[0] / sum(exps)
+
+
+E = [[1.0, 0.0, 0.5], [0.2, 0.3, -0.1], [-0.4, 0.1, 0.9]]
+G = [[0.9, 0.1, 0.4], [0.0, 1.0, 0.2]]
+
+
+def test_identity_loss_hand_computation():
+    out = [torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]]]), torch.tensor([[3.0], [1.0]])]
+    inp = [torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]]]), torch.tensor([[1.0], [1.0]])]
+    # image 0: layer0 mse (1+4)/2 = 2.5, layer1 (3-1)^2 = 4; image 1: layer0 1, layer1 0
+    loss = CLIPIdentityLoss(layer_weights=[1.0, 0.5])
+    assert loss(out, inp).item() == pytest.approx((2.5 + 0.5 * 4) + (1 + 0))
+    assert CLIPIdentityLoss(layer_weights=[1.0, 0.5], batch_reduction='mean')(out, inp).item() == pytest.approx(2.75)
+    assert CLIPIdentityLoss(loss_weight=22.5, layer_weights=[1, 1])(out, inp).item() == pytest.approx(22.5 * 7.5)
+    assert loss(out, inp, layer_weights=[1, 1]).item() == pytest.approx(7.5)
+    assert CLIPIdentityLoss().layer_weights == [1, 1, 1, 1, 0.5]
+
+
+def test_identity_loss_bad_input():
+    with pytest.raises(RaveError, match='layer_weights'):
+        CLIPIdentityLoss(layer_weights=[1, -1])
+    with pytest.raises(RaveError, match='batch_reduction'):
+        CLIPIdentityLoss(batch_reduction='avg')
+    with pytest.raises(RaveError, match='5 layer weights'):
+        CLIPIdentityLoss()([torch.zeros(1, 2)], [torch.zeros(1, 2)])
+
+
+def test_prompt_guidance_hand_computation():
+    expected = [p_neg_hand(e, G) for e in E]
+    loss = PromptGuidanceLoss()
+    assert loss(torch.tensor(E), torch.tensor(G)).item() == pytest.approx(sum(expected) / 3, rel=1e-5)
+    per = PromptGuidanceLoss(reduction='none', loss_weight=320)(torch.tensor(E), torch.tensor(G))
+    assert per.tolist() == pytest.approx([320 * p for p in expected], rel=1e-5)
+    with pytest.raises(RaveError, match=r'\[2, D\]'):
+        loss(torch.tensor(E), torch.tensor(G[:1]))
+    with pytest.raises(RaveError, match='embedding size'):
+        loss(torch.zeros(3, 4), torch.tensor(G))
+
+
+def test_prompt_init_cross_entropy_hand_computation():
+    labels = [1, 0, 0]  # mostly against the similarities, so that the loss is far from zero in float32
+    expected = 0.0
+    for e, y in zip(E, labels):  # CE = log Σ exp(s_i) − s_y with s_i = 100·cos(e, g_i)
+        sims = [100 * sum(a * b for a, b in zip(unit(e), unit(g))) for g in G]
+        m = max(sims)
+        expected += m + math.log(sum(math.exp(s - m) for s in sims)) - sims[y]
+    loss = PromptInitLoss()(torch.tensor(E), torch.tensor(G), torch.tensor(labels))
+    assert loss.item() == pytest.approx(expected / 3, rel=1e-4)
+    with pytest.raises(RaveError, match='labels'):
+        PromptInitLoss()(torch.tensor(E), torch.tensor(G), torch.tensor([1.0, 0.0, 0.0]))
+
+
+def hinge(higher, lower, margin):
+    return sum(max(0.0, lo - hi + margin) for hi, lo in zip(higher, lower)) / len(higher)
+
+
+B = [[1.0, 0.1, 0.4], [0.8, 0.0, 0.3]]
+W = [[0.1, 1.0, 0.2], [0.0, 0.9, 0.1]]
+T = [[0.5, 0.5, 0.3], [0.6, 0.4, 0.3]]
+P = [[0.3, 0.7, 0.2], [0.2, 0.6, 0.3]]
+
+
+@pytest.mark.parametrize('sets', [2, 3, 4])
+def test_ranking_loss_variants_hand_computation(sets):
+    s = {k: [p_neg_hand(e, G) for e in v] for k, v in dict(b=B, w=W, t=T, p=P).items()}
+    if sets == 2:
+        expected = hinge(s['b'], s['w'], 1.0)
+        args = ()
+    elif sets == 3:
+        expected = hinge(s['b'], s['w'], 0.9) + hinge(s['b'], s['t'], 0.9) + hinge(s['t'], s['w'], 0.2)
+        args = (torch.tensor(T),)
+    else:  # official: S(b) > S(I_t) > S(I_{t-1}) > S(w)
+        expected = (hinge(s['b'], s['w'], 0.9) + hinge(s['b'], s['t'], 0.9) + hinge(s['t'], s['p'], 0.1)
+                    + hinge(s['p'], s['w'], 0.1))
+        args = (torch.tensor(T), torch.tensor(P))
+    loss = PromptRankingLoss(loss_weight=200)(torch.tensor(G), torch.tensor(B), torch.tensor(W), *args)
+    assert loss.item() == pytest.approx(200 * expected, rel=1e-5, abs=1e-6)
+
+
+def test_ranking_loss_paper_order_and_bad_input():
+    s = {k: [p_neg_hand(e, G) for e in v] for k, v in dict(b=B, w=W, t=T, p=P).items()}
+    expected = (hinge(s['b'], s['w'], 0.9) + hinge(s['b'], s['p'], 0.9) + hinge(s['p'], s['t'], 0.1)
+                + hinge(s['t'], s['w'], 0.1))
+    loss = PromptRankingLoss(newest_closer_to_backlit=False)(*(torch.tensor(x) for x in (G, B, W, T, P)))
+    assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    with pytest.raises(RaveError, match='margins'):
+        PromptRankingLoss(margins={5: [1, 1]})
+    with pytest.raises(RaveError, match='newest'):
+        PromptRankingLoss()(torch.tensor(G), torch.tensor(B), torch.tensor(W), None, torch.tensor(P))
+
+
+def test_residual_loss_hand_computation():
+    residual = [0.3, -0.2, 0.9]
+    thr = 0.4
+    r = unit(residual)
+    expected = sum((sum(a * b for a, b in zip(unit(e), r)) - thr) ** 2 for e in E) / 3
+    loss = ResidualVectorLoss(loss_weight=1920)(torch.tensor(E), torch.tensor(residual), thr)
+    assert loss.item() == pytest.approx(1920 * expected, rel=1e-5)
+    with pytest.raises(RaveError, match='residual'):
+        ResidualVectorLoss()(torch.tensor(E), torch.zeros(4), thr)
+
+
+def test_losses_build_from_options():
+    loss = build_loss({'type': 'ResidualVectorLoss', 'loss_weight': 1920.0})
+    assert isinstance(loss, ResidualVectorLoss) and loss.loss_weight == 1920.0
+    with pytest.raises(RaveError, match='loss_weight'):
+        build_loss({'type': 'PromptGuidanceLoss', 'loss_weight': 'high'})
+
+
+def test_gradients_reach_image_not_encoder_weights():
+    guidance = build_image_encoder({'model': 'rave-test-tiny-vit', 'pretrained': None})
+    identity = build_image_encoder({'model': 'rave-test-tiny-rn', 'pretrained': None}, role='identity')
+    source = torch.rand(2, 3, 40, 40)
+    image = source.clone().mul_(1.2).clamp_(0, 1).requires_grad_(True)
+    pair = torch.randn(2, guidance.embed_dim)
+    embeds = guidance.encode_image(image)
+    total = (PromptGuidanceLoss(loss_weight=320)(embeds, pair)
+             + ResidualVectorLoss(loss_weight=1920)(embeds, pair[1] - pair[0], 0.2)
+             + CLIPIdentityLoss(loss_weight=22.5)(identity.encode_image_features(image),
+                                                  identity.encode_image_features(source)))
+    total.backward()
+    assert image.grad is not None and torch.isfinite(image.grad).all() and image.grad.abs().sum() > 0
+    for encoder in (guidance, identity):
+        assert all(p.grad is None and not p.requires_grad for p in encoder.network.parameters())
