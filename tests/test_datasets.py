@@ -59,7 +59,7 @@ def test_source_lists_sorted_images_only(tmp_path):
 
 def test_source_empty_folder_and_no_images(tmp_path):
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(RaveError, match='empty'):
+    with pytest.raises(RaveError, match='folder is empty'):
         ImageSource(str(tmp_path / 'empty'))
     (tmp_path / 'text').mkdir()
     (tmp_path / 'text' / 'readme.txt').write_text('no images here')

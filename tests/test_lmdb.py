@@ -159,8 +159,12 @@ def test_paired_lmdb_identical_keys_and_missing_counterparts(tmp_path):
 
 def test_empty_folder_rejected(tmp_path):
     (tmp_path / 'empty').mkdir()
+    with pytest.raises(RaveError, match='empty: the folder is empty'):
+        make_lmdb(str(tmp_path / 'empty'), str(tmp_path / 'x.lmdb'))
+    (tmp_path / 'empty' / 'list.csv').write_text('a,b')
     with pytest.raises(RaveError, match='no image files'):
         make_lmdb(str(tmp_path / 'empty'), str(tmp_path / 'x.lmdb'))
+    assert not (tmp_path / 'x.lmdb').exists()
 
 
 def test_cli_and_script(folder, tmp_path, capsys, python_executable):

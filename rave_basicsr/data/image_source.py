@@ -123,9 +123,14 @@ class ImageSource:
         else:
             self.keys = list_image_files(self.dataroot, recursive=recursive)
         if not self.keys:
-            what = 'LMDB lists no images in its meta_info.txt' if self.is_lmdb else \
-                f'folder has no image files ({", ".join(IMAGE_EXTENSIONS)}{"; searched sub-folders" if recursive else ""})'
-            raise RaveError(f'{self.dataroot}: the {what}. Point the option at a folder of images.')
+            if self.is_lmdb:
+                what = 'the LMDB lists no images in its meta_info.txt'
+            elif not os.listdir(self.dataroot):
+                what = 'the folder is empty'
+            else:
+                what = f'the folder has no image files ({", ".join(IMAGE_EXTENSIONS)}' + \
+                    ('; sub-folders searched)' if recursive else '; sub-folders need the recursive option)')
+            raise RaveError(f'{self.dataroot}: {what}. Point the option at a folder of images.')
 
     def __len__(self) -> int:
         return len(self.keys)
