@@ -209,3 +209,15 @@ def test_no_scheduler_and_a_basicsr_scheduler(data, tmp_path):
     options['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': [10], 'gamma': 0.5}
     model = build(options, tmp_path)
     assert len(model.schedulers) == 1 and options['train']['scheduler']['type'] == 'MultiStepLR'
+
+
+def test_shifted_residual_option_uses_the_toolkit(data, tmp_path):
+    options = rave_options('shifted', data)
+    options['guidance_encoder'] = {'type': 'open_clip', 'model': 'rave-test-tiny-vit', 'pretrained': None,
+                                   'preprocess': {'size': 32, 'resize': 'squash'}}
+    plain = build(options, tmp_path)
+    options['residual']['shifted'] = {'remove_top': 2, 'remove_bottom': 2, 'limit': 300}
+    shifted = build(options, tmp_path)
+    assert abs(float(shifted.residual @ plain.residual)) < 0.9999
+    assert float(shifted.residual.norm()) == pytest.approx(1.0, abs=1e-5)
+    assert [step['step'] for step in shifted.residual_info['history']][-1] == 'remove_tokens'

@@ -12,7 +12,8 @@ residual:
   preprocess: ~           # compute_residual's default (the originals' CLIP PIL transform)
   batch_size: 16
   save: true              # write experiments/<name>/residual.safetensors (rank 0)
-  shifted: ~              # {remove_top: 15, remove_bottom: 15}: the originals' shifted residual (toolkit debias)
+  shifted: ~              # {remove_top: 15, remove_bottom: 15}: the originals' shifted residual (toolkit's
+                          # debias_residual; also concepts: [...], vocab, limit); needs a text tower
 train:
   guidance_opt: {type: ResidualVectorLoss, loss_weight: !!float 1920}
   identity_opt: {type: CLIPIdentityLoss, loss_weight: 22.5, layer_weights: [1, 1, 1, 1, 0.5]}
@@ -113,7 +114,7 @@ class RAVEModel(BacklitBaseModel):
             raise RaveError('option residual:shifted needs the residual toolkit\'s debiasing, which this '
                             'installation lacks; shift the residual with `rave residual debias` and give the '
                             'result as residual:path.') from None
-        return debias.debias_residual(vector, encoder, **options)
+        return debias.debias_residual(vector, encoder, **dict({'progress': False}, **options))
 
     def set_residual(self, residual: torch.Tensor, threshold: float, info: dict) -> None:
         self.residual = residual.float().to(self.device)
