@@ -1,0 +1,158 @@
+"""The enhancement network shared by CLIP-LIT, CLIP-LIT-Latent and RAVE (spec §1.1).
+
+A full-resolution, stride-1 convolutional network with one global-context module (pyramid pooling) that predicts a
+single-channel illumination map ``L``; the enhanced image is ``clamp(I / L, 0, 1)``. Module names follow the
+official ``UNet_emb_oneBranch_symmetry`` so the released state dicts load as they are (after stripping
+``module.``).
+
+Two options cover the official train/test differences:
+
+- ``outer_padding``: padding mode of the four outer convolutions (``cond1``, ``condx``, ``condy``,
+  ``cond_add1``). The originals train with ``'zeros'`` and infer with ``'reflect'``. The residual blocks always
+  reflect-pad and the PPM fuse convolution always zero-pads, as in the originals.
+- ``division_eps``: the epsilon in ``I / (L + eps)``. The originals use ``1e-9`` in training and ``0`` at test.
+
+Division rule (so that no output is ever NaN or Inf, whatever ``eps``): where ``L > 0`` the output is
+``I / (L + eps)``; where ``L == 0`` it is ``1`` if ``I > 0`` and ``0`` if ``I == 0``. For ``L == 0`` this is what the
+original computes for ``I > 0`` (``I / 0 = inf``, clamped to 1; with ``eps = 1e-9`` any ``I > 1e-9`` saturates too),
+and it replaces the original's ``0 / 0 = NaN`` by black. Gradients stay finite as well.
+
+Reflect padding needs at least 2 pixels per side; for a 1-pixel-high or -wide input the reflect-padded
+convolutions fall back to replicate padding (the only sensible limit; the originals raise an error there).
+"""
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from basicsr.utils.registry import ARCH_REGISTRY
+
+PPM_BINS = (1, 2, 3, 6)
+
+
+class PaddedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose reflect padding degrades to replicate on inputs narrower than 2 pixels."""
+
+    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
+        if self.padding_mode != 'zeros' and min(input.shape[-2:]) < 2:
+            padded = F.pad(input, self._reversed_padding_repeated_twice, mode='replicate')
+            return F.conv2d(padded, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
+class ResidualBlock(nn.Module):
+    """``lrelu(conv2(lrelu(conv1(x))) + x)``, both convs 3×3, bias-free, reflect-padded (spec §1.1)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = PaddedConv2d(channels, channels, 3, 1, 1, bias=False, padding_mode='reflect')
+        self.conv2 = PaddedConv2d(channels, channels, 3, 1, 1, bias=False, padding_mode='reflect')
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lrelu(self.conv2(self.lrelu(self.conv1(x))) + x)
+
+
+class PyramidPooling(nn.Module):
+    """Pyramid pooling: per bin, adaptive average pool → 1×1 conv → PReLU → bilinear upsampling
+    (``align_corners=True``); concatenated with the input and fused by a zero-padded 3×3 conv + PReLU."""
+
+    def __init__(self, in_channels: int, reduction: int = 8, bins: Sequence[int] = PPM_BINS):
+        super().__init__()
+        self.bins = tuple(bins)
+        self.features = nn.ModuleList([
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction, 1, bias=False), nn.PReLU())
+            for b in self.bins
+        ])
+        self.fuse = nn.Sequential(
+            nn.Conv2d(in_channels + reduction * len(self.bins), in_channels, 3, padding=1, bias=False), nn.PReLU())
+
+    def branch_from_pooled(self, index: int, pooled: torch.Tensor) -> torch.Tensor:
+        """Branch ``index``'s 1×1 conv and PReLU applied to already pooled statistics (used by exact tiling)."""
+        return self.features[index][2](self.features[index][1](pooled))
+
+    def concat_branches(self, x: torch.Tensor) -> torch.Tensor:
+        """The fuse conv's input: ``x`` followed by the four upsampled branch maps."""
+        size = x.shape[-2:]
+        out = [x]
+        for branch in self.features:
+            out.append(F.interpolate(branch(x), size=size, mode='bilinear', align_corners=True))
+        return torch.cat(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(self.concat_branches(x))
+
+
+def divide_by_illumination(image: torch.Tensor, illumination: torch.Tensor, eps: float) -> torch.Tensor:
+    """``clamp(I / (L + eps), 0, 1)`` in float32 with the explicit ``L == 0`` rule of the module docstring."""
+    image32, light32 = image.float(), illumination.float()
+    positive = light32 > 0
+    denominator = torch.where(positive, light32 + eps, torch.ones_like(light32))
+    ratio = torch.where(positive, image32 / denominator, (image32 > 0).to(image32.dtype))
+    return torch.nan_to_num(ratio, nan=0.0, posinf=1.0, neginf=0.0).clamp(0, 1)
+
+
+@ARCH_REGISTRY.register()
+class BacklitUNet(nn.Module):
+    """The official enhancement network ("UNet_emb_oneBranch_symmetry", 278,790 parameters).
+
+    Args:
+        in_channels: input channels (3 for RGB).
+        outer_padding: ``'zeros'`` (official training) or ``'reflect'`` (official inference) for the four outer
+            convolutions.
+        division_eps: epsilon of ``I / (L + eps)``; ``1e-9`` as in official training, ``0`` as at official test.
+    """
+
+    def __init__(self, in_channels: int = 3, outer_padding: str = 'zeros', division_eps: float = 1e-9):
+        super().__init__()
+        if outer_padding not in ('zeros', 'reflect'):
+            raise ValueError(f"BacklitUNet: outer_padding must be 'zeros' or 'reflect', got {outer_padding!r}.")
+        if not division_eps >= 0:
+            raise ValueError(f'BacklitUNet: division_eps must be >= 0, got {division_eps!r}.')
+        self.in_channels = in_channels
+        self.outer_padding = outer_padding
+        self.division_eps = float(division_eps)
+        self.cond1 = PaddedConv2d(in_channels, 32, 3, 1, 1, bias=True, padding_mode=outer_padding)
+        self.ResidualBlock1 = ResidualBlock(32)
+        self.ResidualBlock2 = ResidualBlock(32)
+        self.PPM1 = PyramidPooling(32, 8, PPM_BINS)
+        self.condx = PaddedConv2d(32, 64, 3, 1, 1, bias=True, padding_mode=outer_padding)
+        self.ResidualBlock3 = ResidualBlock(64)
+        self.ResidualBlock4 = ResidualBlock(64)
+        self.condy = PaddedConv2d(64, 32, 3, 1, 1, bias=True, padding_mode=outer_padding)
+        self.ResidualBlock5 = ResidualBlock(32)
+        self.ResidualBlock6 = ResidualBlock(32)
+        self.cond_add1 = PaddedConv2d(32, 1, 3, 1, 1, bias=True, padding_mode=outer_padding)
+        self.lrelu = nn.LeakyReLU(0.2, inplace=True)
+        self.relu = nn.ReLU(inplace=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation: conv weights ~ N(0, 0.02); biases and PReLU keep PyTorch's defaults."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers before the pyramid pooling (receptive radius 5 px): the PPM input, 32 channels."""
+        return self.ResidualBlock2(self.ResidualBlock1(self.lrelu(self.cond1(x))))
+
+    def decode(self, fused_input: torch.Tensor) -> torch.Tensor:
+        """From the PPM fuse conv's 64-channel input to the illumination map (receptive radius 12 px)."""
+        x = self.condx(self.PPM1.fuse(fused_input))
+        x = self.condy(self.ResidualBlock4(self.ResidualBlock3(x)))
+        x = self.ResidualBlock6(self.ResidualBlock5(x))
+        return self.relu(self.cond_add1(x))
+
+    def illumination(self, x: torch.Tensor) -> torch.Tensor:
+        """The illumination map L (N×1×H×W, ≥ 0)."""
+        return self.decode(self.PPM1.concat_branches(self.encode(x)))
+
+    def forward_with_illumination(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(enhanced, illumination)``; enhanced is in [0, 1] with x's dtype, never NaN/Inf."""
+        light = self.illumination(x)
+        return divide_by_illumination(x, light, self.division_eps).to(x.dtype), light
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_illumination(x)[0]

@@ -1,0 +1,153 @@
+"""Exact tiled inference of :class:`BacklitUNet` for photos too large to process at once.
+
+Naive tiling is wrong for this network: its pyramid pooling averages the whole image. Tiled inference here gives
+the whole-image result (up to float rounding) in two passes (design: ``../shared/docs/exact-tiling.md``):
+
+1. statistics: each tile plus a 5-px halo (the receptive radius before the pooling) gives the exact pooling
+   input on the tile; its sums are added into the adaptive-pooling regions it overlaps;
+2. output: each tile plus a 17-px halo is recomputed; the branch maps are upsampled only at the region's pixels,
+   with the global ``align_corners=True`` bilinear weights, and the rest of the network runs on the region.
+
+Halo regions are clipped at the image border, so border padding matches the whole-image run; padding at interior
+seams only touches halo pixels, which are discarded. Peak memory depends on the tile size, not the image size.
+"""
+import contextlib
+import math
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+
+from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
+
+#: receptive radius (px) of the layers before the pyramid pooling, and of the whole network
+HALO_BEFORE_POOLING = 5
+HALO_FULL = 17
+
+
+def tile_ranges(size: int, tile: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``tile`` covering ``0..size``."""
+    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
+
+
+def iter_tiles(height: int, width: int, tile: int) -> Iterator[Tuple[int, int, int, int]]:
+    """``(y0, y1, x0, x1)`` of each tile, row by row."""
+    for y0, y1 in tile_ranges(height, tile):
+        for x0, x1 in tile_ranges(width, tile):
+            yield y0, y1, x0, x1
+
+
+def _with_halo(start: int, stop: int, halo: int, size: int) -> Tuple[int, int]:
+    return max(start - halo, 0), min(stop + halo, size)
+
+
+def pooling_membership(size: int, bins: int, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
+    """``bins × (stop - start)`` 0/1 matrix: which adaptive-pooling bins contain each of the rows ``start..stop``.
+
+    PyTorch's adaptive average pooling of ``size`` rows into ``bins`` uses rows
+    ``floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1`` for bin ``i`` (bins may overlap).
+    """
+    rows = torch.arange(start, stop)
+    first = torch.tensor([(i * size) // bins for i in range(bins)])
+    last = torch.tensor([-((-(i + 1) * size) // bins) for i in range(bins)])  # ceil, exclusive
+    return ((rows[None, :] >= first[:, None]) & (rows[None, :] < last[:, None])).to(dtype)
+
+
+def bilinear_weights(size: int, bins: int, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
+    """``(stop - start) × bins`` weights that upsample ``bins`` samples to ``size`` (bilinear,
+    ``align_corners=True``), evaluated at the global positions ``start..stop`` only."""
+    positions = torch.arange(start, stop, dtype=torch.float64)
+    scale = (bins - 1) / (size - 1) if size > 1 else 0.0
+    source = positions * scale
+    lower = source.floor().long().clamp(max=bins - 1)
+    upper = (lower + 1).clamp(max=bins - 1)
+    frac = source - lower.to(torch.float64)
+    weights = torch.zeros(stop - start, bins, dtype=torch.float64)
+    index = torch.arange(stop - start)
+    weights[index, lower] += 1 - frac
+    weights[index, upper] += frac
+    return weights.to(dtype)
+
+
+def _compute_context(device: torch.device, autocast_dtype: Optional[torch.dtype]):
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+
+def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, device: torch.device,
+                       autocast_dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
+    """Pass 1: the PPM branch maps (N×8×b×b per bin, float32 on ``device``) of the whole image, tile by tile."""
+    height, width = image.shape[-2:]
+    ppm = network.PPM1
+    sums: List[Optional[torch.Tensor]] = [None] * len(ppm.bins)
+    for y0, y1, x0, x1 in iter_tiles(height, width, tile):
+        ry0, ry1 = _with_halo(y0, y1, HALO_BEFORE_POOLING, height)
+        rx0, rx1 = _with_halo(x0, x1, HALO_BEFORE_POOLING, width)
+        with _compute_context(device, autocast_dtype):
+            features = network.encode(image[:, :, ry0:ry1, rx0:rx1].to(device))
+        interior = features[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].double()
+        for k, bins in enumerate(ppm.bins):
+            rows = pooling_membership(height, bins, y0, y1).to(device)
+            cols = pooling_membership(width, bins, x0, x1).to(device)
+            part = torch.einsum('ih,nchw,jw->ncij', rows, interior, cols)
+            sums[k] = part if sums[k] is None else sums[k] + part
+    maps = []
+    for k, bins in enumerate(ppm.bins):
+        rows = pooling_membership(height, bins, 0, height).sum(1)
+        cols = pooling_membership(width, bins, 0, width).sum(1)
+        area = (rows[:, None] * cols[None, :]).to(device)
+        pooled = (sums[k] / area).float()
+        with _compute_context(device, autocast_dtype):
+            maps.append(ppm.branch_from_pooled(k, pooled).float())
+    return maps
+
+
+def _region_illumination(network: BacklitUNet, region: torch.Tensor, branch_maps: List[torch.Tensor],
+                         bounds: Tuple[int, int, int, int], size: Tuple[int, int]) -> torch.Tensor:
+    """Pass 2 on one region: the illumination map, with the branch maps upsampled at the region's pixels."""
+    (ry0, ry1, rx0, rx1), (height, width) = bounds, size
+    features = network.encode(region)
+    parts = [features]
+    for bins, small in zip(network.PPM1.bins, branch_maps):
+        rows = bilinear_weights(height, bins, ry0, ry1, dtype=torch.float32).to(small.device)
+        cols = bilinear_weights(width, bins, rx0, rx1, dtype=torch.float32).to(small.device)
+        parts.append(torch.einsum('yi,ncij,xj->ncyx', rows, small, cols).to(features.dtype))
+    return network.decode(torch.cat(parts, 1))
+
+
+@torch.inference_mode()
+def tiled_forward(network: BacklitUNet, image: torch.Tensor, tile: int, device: Optional[torch.device] = None,
+                  autocast_dtype: Optional[torch.dtype] = None, return_illumination: bool = False):
+    """Exact tiled ``network.forward_with_illumination`` of an N×C×H×W float image with ``tile``-px square tiles.
+
+    The image and the results stay where the image is (e.g. host memory); each tile and its halo are moved to
+    ``device`` (default: the network's) and computed there, under autocast when ``autocast_dtype`` is given.
+    Returns the enhanced image (float32), and the illumination map too with ``return_illumination``.
+    """
+    if tile < 1:
+        raise ValueError(f'tile must be >= 1, got {tile}')
+    device = torch.device(device) if device is not None else next(network.parameters()).device
+    n, channels, height, width = image.shape
+    branch_maps = pooled_branch_maps(network, image, tile, device, autocast_dtype)
+    enhanced = torch.empty(n, channels, height, width, dtype=torch.float32, device=image.device)
+    light = torch.empty(n, 1, height, width, dtype=torch.float32, device=image.device) if return_illumination else None
+    for y0, y1, x0, x1 in iter_tiles(height, width, tile):
+        ry0, ry1 = _with_halo(y0, y1, HALO_FULL, height)
+        rx0, rx1 = _with_halo(x0, x1, HALO_FULL, width)
+        region = image[:, :, ry0:ry1, rx0:rx1].to(device)
+        with _compute_context(device, autocast_dtype):
+            region_light = _region_illumination(network, region, branch_maps, (ry0, ry1, rx0, rx1), (height, width))
+        inner = (slice(None), slice(None), slice(y0 - ry0, y1 - ry0), slice(x0 - rx0, x1 - rx0))
+        inner_light = region_light[inner].float()
+        result = divide_by_illumination(region[inner], inner_light, network.division_eps)
+        enhanced[:, :, y0:y1, x0:x1] = result.to(enhanced.device)
+        if light is not None:
+            light[:, :, y0:y1, x0:x1] = inner_light.to(light.device)
+    return (enhanced, light) if return_illumination else enhanced
+
+
+def suggested_tile(height: int, width: int, max_pixels: int = 1 << 20) -> int:
+    """A square tile size keeping each tile (halo included) near ``max_pixels``, or 0 when the image fits."""
+    if height * width <= max_pixels:
+        return 0
+    return max(64, int(math.sqrt(max_pixels)) - 2 * HALO_FULL)
