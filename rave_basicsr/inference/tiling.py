@@ -74,6 +74,13 @@ def _compute_context(device: torch.device, autocast_dtype: Optional[torch.dtype]
     return torch.autocast(device_type=device.type, dtype=autocast_dtype)
 
 
+def _to_compute(network: BacklitUNet, region: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A region as the network computes it: on ``device``, in the parameters' dtype, channels-last (the fast
+    layout for oneDNN and cuDNN convolutions)."""
+    dtype = next(network.parameters()).dtype
+    return region.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
 def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, device: torch.device,
                        autocast_dtype: Optional[torch.dtype] = None) -> List[torch.Tensor]:
     """Pass 1: the PPM branch maps (N×8×b×b per bin, float32 on ``device``) of the whole image, tile by tile."""
@@ -84,7 +91,7 @@ def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, dev
         ry0, ry1 = _with_halo(y0, y1, HALO_BEFORE_POOLING, height)
         rx0, rx1 = _with_halo(x0, x1, HALO_BEFORE_POOLING, width)
         with _compute_context(device, autocast_dtype):
-            features = network.encode(image[:, :, ry0:ry1, rx0:rx1].to(device))
+            features = network.encode(_to_compute(network, image[:, :, ry0:ry1, rx0:rx1], device))
         interior = features[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].double()
         for k, bins in enumerate(ppm.bins):
             rows = pooling_membership(height, bins, y0, y1).to(device)
@@ -96,7 +103,7 @@ def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, dev
         rows = pooling_membership(height, bins, 0, height).sum(1)
         cols = pooling_membership(width, bins, 0, width).sum(1)
         area = (rows[:, None] * cols[None, :]).to(device)
-        pooled = (sums[k] / area).float()
+        pooled = (sums[k] / area).to(next(network.parameters()).dtype)
         with _compute_context(device, autocast_dtype):
             maps.append(ppm.branch_from_pooled(k, pooled).float())
     return maps
@@ -121,7 +128,8 @@ def tiled_forward(network: BacklitUNet, image: torch.Tensor, tile: int, device: 
     """Exact tiled ``network.forward_with_illumination`` of an N×C×H×W float image with ``tile``-px square tiles.
 
     The image and the results stay where the image is (e.g. host memory); each tile and its halo are moved to
-    ``device`` (default: the network's) and computed there, under autocast when ``autocast_dtype`` is given.
+    ``device`` (default: the network's) and computed there in the network's dtype (e.g. a bfloat16 copy of the
+    network), under autocast when ``autocast_dtype`` is given. ``I / L`` always uses the float32 image.
     Returns the enhanced image (float32), and the illumination map too with ``return_illumination``.
     """
     if tile < 1:
@@ -134,12 +142,12 @@ def tiled_forward(network: BacklitUNet, image: torch.Tensor, tile: int, device: 
     for y0, y1, x0, x1 in iter_tiles(height, width, tile):
         ry0, ry1 = _with_halo(y0, y1, HALO_FULL, height)
         rx0, rx1 = _with_halo(x0, x1, HALO_FULL, width)
-        region = image[:, :, ry0:ry1, rx0:rx1].to(device)
+        region = _to_compute(network, image[:, :, ry0:ry1, rx0:rx1], device)
         with _compute_context(device, autocast_dtype):
             region_light = _region_illumination(network, region, branch_maps, (ry0, ry1, rx0, rx1), (height, width))
-        inner = (slice(None), slice(None), slice(y0 - ry0, y1 - ry0), slice(x0 - rx0, x1 - rx0))
-        inner_light = region_light[inner].float()
-        result = divide_by_illumination(region[inner], inner_light, network.division_eps)
+        inner_light = region_light[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].float()
+        inner_image = image[:, :, y0:y1, x0:x1].to(device=device, dtype=torch.float32)  # full-precision I in I / L
+        result = divide_by_illumination(inner_image, inner_light, network.division_eps)
         enhanced[:, :, y0:y1, x0:x1] = result.to(enhanced.device)
         if light is not None:
             light[:, :, y0:y1, x0:x1] = inner_light.to(light.device)
