@@ -109,9 +109,9 @@ def _timed(function) -> float:
 
 
 def run_config(name: str, args: argparse.Namespace, height: int, width: int, repeats: int, warmup: bool,
-               save: str = '') -> dict:
+               save: str = '', tile: int = 0) -> dict:
     command = [sys.executable, __file__, '--worker', name, '--height', str(height), '--width', str(width),
-               '--repeats', str(repeats), '--tile', str(args.tile), '--threads', str(args.threads)]
+               '--repeats', str(repeats), '--tile', str(tile or args.tile), '--threads', str(args.threads)]
     command += (['--warmup'] if warmup else []) + (['--save', save] if save else [])
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE='1')
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument('--tile', type=int, default=512)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
     parser.add_argument('--big', default='6000x4000', help='W×H of the large-photo run ("" to skip)')
+    parser.add_argument('--big-tile', type=int, default=990, help='tile of the large run (rave enhance default)')
     parser.add_argument('--big-configs', default='tiled_fp32,tiled_bf16', help='configurations of the large run')
     parser.add_argument('--worker', choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument('--warmup', action='store_true', help=argparse.SUPPRESS)
@@ -174,11 +175,11 @@ def main() -> None:
         width, height = (int(v) for v in args.big.lower().split('x'))
         big = {}
         for name in args.big_configs.split(','):
-            measured = run_config(name, args, height, width, 1, False)
+            measured = run_config(name, args, height, width, 1, False, tile=args.big_tile)
             big[name] = {'seconds': measured['times_s'][0], 'peak_rss_mb': measured['peak_rss_mb'],
                          'megapixels_per_s': width * height / 1e6 / measured['times_s'][0]}
             print('big', name, json.dumps(big[name]), flush=True)
-        report['large_photo'] = {'image': args.big, 'tile': args.tile, 'runs': big,
+        report['large_photo'] = {'image': args.big, 'tile': args.big_tile, 'runs': big,
                                  'baseline_activation_estimate_mb':
                                      64 * width * height * 4 / 2 ** 20}
     report['machine']['load_average_at_end'] = os.getloadavg()
