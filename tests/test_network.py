@@ -111,12 +111,15 @@ def test_all_official_checkpoints_load_and_match_their_digests(shared_data):
 
 
 def test_weights_by_name_from_the_cache(shared_data, tmp_path, monkeypatch):
-    """A verified file in the cache is used without any download; a damaged one is re-downloaded (here: fails)."""
+    """Verified files in the cache are used by name without any download (all 8); a damaged one is
+    re-downloaded (here: fails, offline)."""
     monkeypatch.setenv('RAVE_CACHE_DIR', str(tmp_path))
-    source = shared_data / 'official_checkpoints' / 'clip_lit_official.pth'
-    (tmp_path / 'clip_lit_official.pth').write_bytes(source.read_bytes())
-    state = load_enhancement_state_dict('clip_lit_official')
-    assert len(state) == 30 and not any(k.startswith('module.') for k in state)
+    for name, weights in OFFICIAL_WEIGHTS.items():
+        source = shared_data / 'official_checkpoints' / weights.filename
+        (tmp_path / weights.filename).write_bytes(source.read_bytes())
+        state = load_enhancement_state_dict(name)
+        assert len(state) == 30 and not any(k.startswith('module.') for k in state)
+        assert torch.equal(state['cond1.weight'], torch.load(source, map_location='cpu')['module.cond1.weight'])
     (tmp_path / 'clip_lit_official.pth').write_bytes(b'damaged')
     monkeypatch.setitem(weights_module.OFFICIAL_WEIGHTS, 'clip_lit_official', weights_module.OfficialWeights(
         'clip_lit_official', 'http://127.0.0.1:9/enhancement_model.pth', OFFICIAL_WEIGHTS['clip_lit_official'].sha256,
@@ -188,7 +191,7 @@ def test_pickle_checkpoint_is_refused_clearly(tmp_path):
 
 
 def test_loading_through_basicsr_srmodel(shared_data, tmp_path):
-    """BasicSR's own load_network with param_key_g: ~ loads an official file; with params a BasicSR one."""
+    """BasicSR's own load_network with param_key_g: ~ loads each official file; with params a BasicSR one."""
     from basicsr.models import build_model
 
     def build(path, param_key):
@@ -199,10 +202,11 @@ def test_loading_through_basicsr_srmodel(shared_data, tmp_path):
                'val': {'save_img': False}}
         return build_model(opt)
 
-    official = shared_data / 'official_checkpoints' / 'rave_unpaired.pth'
-    model = build(official, None)
-    expected = load_enhancement_state_dict(official)
-    assert all(torch.equal(model.net_g.state_dict()[k], v) for k, v in expected.items())
+    for name, weights in OFFICIAL_WEIGHTS.items():
+        official = shared_data / 'official_checkpoints' / weights.filename
+        model = build(official, None)
+        expected = load_enhancement_state_dict(official)
+        assert all(torch.equal(model.net_g.state_dict()[k], v) for k, v in expected.items()), name
     torch_save_atomic({'params': expected}, tmp_path / 'net_g_1.pth')
     model = build(tmp_path / 'net_g_1.pth', 'params')
     assert torch.equal(model.net_g.state_dict()['condy.weight'], expected['condy.weight'])

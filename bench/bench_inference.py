@@ -1,0 +1,221 @@
+"""Inference throughput and peak memory of the enhancement network on this machine.
+
+Compares, at the same thread count and on the same photo, a straightforward float32 forward (``network(x)``
+under ``torch.no_grad``, NCHW, whole image: what the official ``inference.py`` does) with this project's
+inference paths (:func:`rave_basicsr.inference.enhance.enhance_tensor`): whole-image fp32, exact tiled fp32 and
+exact tiled bf16. Each configuration runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own.
+Reports megapixels/s, GFLOP/s (0.555 MFLOP per pixel, spec §1.1) against the matrix-multiply GFLOP/s measured in
+the same run, the output difference against the baseline, and a 24-megapixel run's time and peak RSS.
+
+    PYTHONPATH=. python bench/bench_inference.py            # writes bench/results/inference.{json,md}
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FLOP_PER_PIXEL = 0.555e6
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    'baseline_fp32': 'straightforward fp32 forward: network(x), no_grad, NCHW, whole image',
+    'whole_fp32': 'enhance_tensor fp32, whole image (inference_mode, channels-last)',
+    'tiled_fp32': 'enhance_tensor fp32, exact tiling',
+    'tiled_bf16': 'enhance_tensor bf16 (bfloat16 network copy), exact tiling',
+}
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    """A real backlit photo resized to height×width (random pixels when the shared data is absent)."""
+    import cv2
+
+    shared = Path(os.environ.get('RAVE_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+    sample = shared / 'backlit_samples' / 'backlit_1.png'
+    if sample.is_file():
+        image = cv2.imread(str(sample))[:, :, ::-1]
+        return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)) / 255.0
+    return np.random.default_rng(0).random((height, width, 3))
+
+
+def _network():
+    import torch
+    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+    from rave_basicsr.inference.weights import load_enhancement_network
+
+    shared = Path(os.environ.get('RAVE_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+    weights = shared / 'official_checkpoints' / 'rave_unpaired.pth'
+    if weights.is_file():
+        return load_enhancement_network(weights, outer_padding='reflect', division_eps=0.0)
+    torch.manual_seed(0)
+    return BacklitUNet(outer_padding='reflect', division_eps=0.0).eval()
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Run one configuration; print one JSON line (seconds per run, peak RSS) and save the output."""
+    import torch
+    import rave_basicsr  # noqa: F401
+    from rave_basicsr.inference.enhance import enhance_tensor, prepare_network
+
+    torch.set_num_threads(args.threads)
+    network = _network()
+    image = torch.from_numpy(_photo(args.height, args.width).astype(np.float32)).permute(2, 0, 1)[None]
+    if args.worker == 'baseline_fp32':
+        def run():
+            with torch.no_grad():
+                return network(image)
+    else:
+        precision = 'bf16' if args.worker.endswith('bf16') else 'fp32'
+        tile = 0 if args.worker.startswith('whole') else args.tile
+        prepared, _ = prepare_network(network, precision)
+
+        def run():
+            return enhance_tensor(prepared, image, tile=tile, precision=precision, prepared=True)
+
+    times = []
+    for index in range(args.repeats + (1 if args.warmup else 0)):
+        started = time.perf_counter()
+        output = run()
+        if index or not args.warmup:
+            times.append(time.perf_counter() - started)
+    if args.save:
+        np.save(args.save, output[0].permute(1, 2, 0).numpy())
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({'times_s': times, 'peak_rss_mb': peak_kib / 1024}))
+
+
+def matmul_gflops(threads: int, dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` GFLOP/s of a size×size matrix multiplication."""
+    import torch
+
+    torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.rand(size, size).to(dtype), torch.rand(size, size).to(dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _timed(function) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def run_config(name: str, args: argparse.Namespace, height: int, width: int, repeats: int, warmup: bool,
+               save: str = '', tile: int = 0) -> dict:
+    command = [sys.executable, __file__, '--worker', name, '--height', str(height), '--width', str(width),
+               '--repeats', str(repeats), '--tile', str(tile or args.tile), '--threads', str(args.threads)]
+    command += (['--warmup'] if warmup else []) + (['--save', save] if save else [])
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE='1')
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f'{name} failed:\n{result.stderr[-3000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--height', type=int, default=768)
+    parser.add_argument('--width', type=int, default=1024)
+    parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--tile', type=int, default=512)
+    parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
+    parser.add_argument('--big', default='6000x4000', help='W×H of the large-photo run ("" to skip)')
+    parser.add_argument('--big-tile', type=int, default=990, help='tile of the large run (rave enhance default)')
+    parser.add_argument('--big-configs', default='tiled_fp32,tiled_bf16', help='configurations of the large run')
+    parser.add_argument('--worker', choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument('--warmup', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--save', default='', help=argparse.SUPPRESS)
+    parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'inference'))
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    megapixels = args.height * args.width / 1e6
+    report = {'machine': {'platform': platform.platform(), 'processor': platform.processor(),
+                          'cpu_count': os.cpu_count(), 'threads': args.threads,
+                          'load_average_at_start': os.getloadavg()},
+              'image': f'{args.width}x{args.height}', 'tile': args.tile, 'repeats': args.repeats,
+              'flop_per_pixel': FLOP_PER_PIXEL,
+              'matmul_gflops': {'fp32': matmul_gflops(args.threads, 'float32'),
+                                'bf16': matmul_gflops(args.threads, 'bfloat16')},
+              'configs': {}}
+    with tempfile.TemporaryDirectory() as folder:
+        # the baseline runs first and last, to show how much the machine's load drifted during the run
+        order = ['baseline_fp32', 'whole_fp32', 'tiled_fp32', 'tiled_bf16', 'baseline_fp32']
+        outputs = {}
+        for position, name in enumerate(order):
+            key = name if position == 0 or name != 'baseline_fp32' else 'baseline_fp32_again'
+            save = os.path.join(folder, f'{key}.npy')
+            measured = run_config(name, args, args.height, args.width, args.repeats, True, save)
+            outputs[key] = np.load(save)
+            best = min(measured['times_s'])
+            report['configs'][key] = {
+                'description': CONFIGS[name], 'times_s': measured['times_s'], 'best_s': best,
+                'megapixels_per_s': megapixels / best, 'gflops': megapixels * 1e6 * FLOP_PER_PIXEL / best / 1e9,
+                'peak_rss_mb': measured['peak_rss_mb']}
+            print(key, json.dumps(report['configs'][key]), flush=True)
+    baseline_best = min(report['configs'][k]['best_s'] for k in ('baseline_fp32', 'baseline_fp32_again'))
+    for key, entry in report['configs'].items():
+        difference = np.abs(outputs[key] - outputs['baseline_fp32'])
+        entry['speedup_vs_baseline'] = baseline_best / entry['best_s']
+        entry['max_abs_diff_vs_baseline_grey_levels'] = float(difference.max() * 255)
+        entry['mean_abs_diff_vs_baseline_grey_levels'] = float(difference.mean() * 255)
+        matmul = report['matmul_gflops']['bf16' if key.endswith('bf16') else 'fp32']
+        entry['fraction_of_matmul_gflops'] = entry['gflops'] / matmul
+    if args.big:
+        width, height = (int(v) for v in args.big.lower().split('x'))
+        big = {}
+        for name in args.big_configs.split(','):
+            measured = run_config(name, args, height, width, 1, False, tile=args.big_tile)
+            big[name] = {'seconds': measured['times_s'][0], 'peak_rss_mb': measured['peak_rss_mb'],
+                         'megapixels_per_s': width * height / 1e6 / measured['times_s'][0]}
+            print('big', name, json.dumps(big[name]), flush=True)
+        report['large_photo'] = {'image': args.big, 'tile': args.big_tile, 'runs': big,
+                                 'baseline_activation_estimate_mb':
+                                     64 * width * height * 4 / 2 ** 20}
+    report['machine']['load_average_at_end'] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + '.json').write_text(json.dumps(report, indent=2) + '\n')
+    Path(args.out + '.md').write_text(markdown(report))
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    """The short human-readable summary written beside the JSON."""
+    lines = [f"# Inference benchmark ({report['image']}, tile {report['tile']}, {report['machine']['threads']} "
+             f"threads, best of {report['repeats']})", '',
+             f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs; load average "
+             f"{report['machine']['load_average_at_start'][0]:.1f} at start, "
+             f"{report['machine']['load_average_at_end'][0]:.1f} at end (the machine is shared: absolute figures "
+             'are noisy, compare within the run).',
+             f"Matrix multiply (2048²): {report['matmul_gflops']['fp32']:.1f} GFLOP/s fp32, "
+             f"{report['matmul_gflops']['bf16']:.1f} GFLOP/s bf16.", '',
+             '| configuration | MP/s | GFLOP/s | of matmul | speedup | peak RSS MB | max / mean diff (grey levels) |',
+             '|---|---|---|---|---|---|---|']
+    for key, entry in report['configs'].items():
+        lines.append(f"| {key} | {entry['megapixels_per_s']:.4f} | {entry['gflops']:.1f} | "
+                     f"{entry['fraction_of_matmul_gflops']:.0%} | {entry['speedup_vs_baseline']:.2f}× | "
+                     f"{entry['peak_rss_mb']:.0f} | {entry['max_abs_diff_vs_baseline_grey_levels']:.3f} / "
+                     f"{entry['mean_abs_diff_vs_baseline_grey_levels']:.4f} |")
+    if 'large_photo' in report:
+        big = report['large_photo']
+        lines += ['', f"Large photo {big['image']} (tile {big['tile']}):"]
+        for name, run in big['runs'].items():
+            lines.append(f"- {name}: {run['seconds']:.0f} s ({run['megapixels_per_s']:.3f} MP/s), peak RSS "
+                         f"{run['peak_rss_mb']:.0f} MB")
+        lines.append(f"- the straightforward forward would hold 64-channel float32 activations of "
+                     f"{big['baseline_activation_estimate_mb']:.0f} MB each (several at once): not run.")
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    main()
