@@ -10,7 +10,9 @@
   and the identity warm-up stage (``train: warmup``: ``iters`` 1000, ``identity_opt`` 25 × [1, 1, 1, 1, 1], and the
   originals' re-initialisation guard: when the mean Y-PSNR(input, output) of the last ``reinit_window`` warm-up
   iterations is below ``reinit_psnr`` dB after ``reinit_after`` warm-up iterations, re-initialise the network and its
-  optimiser and lengthen the warm-up by ``reinit_extend``; ``reinit_psnr: ~`` turns the guard off);
+  optimiser and lengthen the warm-up by ``reinit_extend``; ``reinit_psnr: ~`` turns the guard off; ``optim``: an own
+  optimiser for the warm-up, e.g. ``{type: Adam, lr: !!float 1e-3}``; default: the network's ``optim_g``, as the
+  originals);
 * stage bookkeeping by iteration (:mod:`rave_basicsr.models.stages`), per-stage optimisers, mixed precision
   (``train: mixed_precision: bf16 | fp16 | ~``; fp16 uses a GradScaler on CUDA) and ``train: channels_last``;
 * validation (paired: BasicSR metrics and the RAVE protocol; unpaired: NIQE and the guidance score), images saved,
@@ -209,12 +211,15 @@ class BacklitBaseModel(BaseModel):
         iters = self.warmup_opt['iters']
         if not isinstance(iters, int) or iters < 0:
             raise RaveError(f'train:warmup:iters must be an integer >= 0 (0 skips the warm-up), got {iters!r}.')
-        return StageSpec('warmup', iters, 'net_g')
+        return StageSpec('warmup', iters, 'net_g_warmup' if self.warmup_opt.get('optim') else 'net_g')
 
     def define_optimizers(self, train_opt: dict) -> Dict[str, Tuple[List[torch.nn.Parameter], dict]]:
         """Optimiser key -> (parameters, options); the base trains the network with ``train: optim_g``."""
         params = [p for p in self.net_g.parameters() if p.requires_grad]
-        return OrderedDict(net_g=(params, train_opt['optim_g']))
+        optimizers = OrderedDict(net_g=(params, train_opt['optim_g']))
+        if self.warmup_opt.get('optim'):  # a warm-up with its own optimiser (e.g. a higher lr for short demos)
+            optimizers['net_g_warmup'] = (params, self.warmup_opt['optim'])
+        return optimizers
 
     def build_optimizer(self, params, options: dict, where: str) -> torch.optim.Optimizer:
         options = dict(options)
@@ -373,9 +378,9 @@ class BacklitBaseModel(BaseModel):
         if self.opt['dist']:
             for tensor in net.state_dict().values():
                 dist.broadcast(tensor, 0)
-        params, options = self.optimizer_specs['net_g']
-        fresh = self.build_optimizer(params, options, 'net_g')
-        self.optimizer_by_name['net_g'] = fresh
+        key = self.schedule.current.optimizer
+        params, options = self.optimizer_specs[key]
+        self.optimizer_by_name[key] = self.build_optimizer(params, options, key)
         self.optimizers = list(self.optimizer_by_name.values())
         self.schedule.extend(int(self.warmup_opt['reinit_extend']))
         self.psnr_window.clear()
@@ -419,12 +424,21 @@ class BacklitBaseModel(BaseModel):
             self._messages_shown.add(key)
             self.logger.warning(message)
 
-    def usable_metrics(self, dataset_name: str) -> Dict[str, dict]:
-        """The configured metrics that can run here (unavailable optional ones are skipped with one message)."""
+    def usable_metrics(self, dataset_opt: dict) -> Dict[str, dict]:
+        """The configured metrics that run on this set: ``val:metrics``, or the names listed in the dataset's
+        ``metrics`` option; unavailable optional ones (LPIPS) are skipped with one message."""
         from rave_basicsr.metrics.rave_protocol_metric import lpips_unavailable_reason
 
+        configured = self.opt['val'].get('metrics') or {}
+        selected = dataset_opt.get('metrics')
+        if selected is not None:
+            unknown = [name for name in selected if name not in configured]
+            if unknown:
+                raise RaveError(f'datasets:{dataset_opt.get("name")}:metrics names {unknown}, which val:metrics '
+                                f'does not define (defined: {list(configured)}).')
+            configured = OrderedDict((name, configured[name]) for name in selected)
         usable = OrderedDict()
-        for name, metric_opt in (self.opt['val'].get('metrics') or {}).items():
+        for name, metric_opt in configured.items():
             kind = metric_opt.get('type')
             if kind == 'calculate_rave_lpips':
                 reason = lpips_unavailable_reason(metric_opt.get('net', 'alex'))
@@ -439,9 +453,14 @@ class BacklitBaseModel(BaseModel):
         return usable
 
     def nondist_validation(self, dataloader, current_iter, tb_logger, save_img) -> None:
+        """Validate without touching the training RNG (a resumed run skips this validation)."""
+        with torch.random.fork_rng(devices=[]):
+            self._validate(dataloader, current_iter, tb_logger, save_img)
+
+    def _validate(self, dataloader, current_iter, tb_logger, save_img) -> None:
         dataset_name = dataloader.dataset.opt['name']
         val_opt = self.opt['val']
-        metrics = self.usable_metrics(dataset_name)
+        metrics = self.usable_metrics(dataloader.dataset.opt)
         sums = {name: 0.0 for name in metrics}
         counts = {name: 0 for name in metrics}
         tb_images = int(val_opt.get('tb_images', 1))

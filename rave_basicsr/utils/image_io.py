@@ -26,10 +26,12 @@ class ImageReadError(RaveError):
 
 @dataclass
 class DecodedImage:
-    """An image as float32 RGB in [0, 1] (H×W×3), its alpha (H×W, or None) and its source bit depth (8 or 16)."""
+    """An image as float32 RGB in [0, 1] (H×W×3), its alpha (H×W, or None), its source bit depth (8 or 16) and
+    its number of colour channels (1 for grey sources, whose RGB planes are equal; else 3)."""
     rgb: np.ndarray
     alpha: Optional[np.ndarray]
     bit_depth: int
+    color_channels: int = 3
 
 
 def is_image_file(path: str) -> bool:
@@ -91,7 +93,7 @@ def decode_image(data: bytes, name: str = '<bytes>', apply_exif_orientation: boo
         if orientation != 1:
             rgb = _apply_orientation(rgb, orientation)
             alpha = None if alpha is None else _apply_orientation(alpha, orientation)
-    return DecodedImage(np.ascontiguousarray(np.clip(rgb, 0, 1)), alpha, bit_depth)
+    return DecodedImage(np.ascontiguousarray(np.clip(rgb, 0, 1)), alpha, bit_depth, 1 if channels <= 2 else 3)
 
 
 def read_image(path: str, apply_exif_orientation: bool = True) -> DecodedImage:
@@ -106,7 +108,8 @@ def read_image(path: str, apply_exif_orientation: bool = True) -> DecodedImage:
 
 def encode_image(rgb: np.ndarray, extension: str, bit_depth: int = 8, alpha: Optional[np.ndarray] = None,
                  jpeg_quality: int = 95) -> bytes:
-    """Encode float RGB in [0, 1] (and optional alpha) as ``extension`` at 8 or 16 bits per channel.
+    """Encode float RGB in [0, 1] (H×W×3; or grey, H×W or H×W×1) and optional alpha as ``extension`` at 8 or 16
+    bits per channel.
 
     Formats without 16-bit support (JPEG, WebP, BMP) are written at 8 bits; JPEG drops alpha.
     """
@@ -116,7 +119,8 @@ def encode_image(rgb: np.ndarray, extension: str, bit_depth: int = 8, alpha: Opt
     if extension in ('.jpg', '.jpeg'):
         alpha = None
     scale, dtype = (65535.0, np.uint16) if bit_depth == 16 else (255.0, np.uint8)
-    planes = np.clip(np.nan_to_num(rgb, nan=0.0, posinf=1.0, neginf=0.0), 0, 1)[:, :, ::-1]
+    planes = np.clip(np.nan_to_num(rgb, nan=0.0, posinf=1.0, neginf=0.0), 0, 1)
+    planes = planes[:, :, None] if planes.ndim == 2 else planes[:, :, ::-1]  # RGB -> OpenCV's BGR
     if alpha is not None:
         planes = np.concatenate([planes, np.clip(alpha, 0, 1)[:, :, None]], axis=2)
     array = np.round(planes * scale).astype(dtype)

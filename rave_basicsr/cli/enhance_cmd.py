@@ -1,0 +1,45 @@
+"""``rave enhance``: enhance photos with a released or trained enhancement network."""
+import argparse
+import sys
+
+from rave_basicsr.inference.enhance import OUTPUT_FORMATS, PRECISIONS, enhance_files
+from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS
+
+COMMAND = 'enhance'
+HELP = 'enhance backlit photos (files or folders) with a released or trained enhancement network'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('inputs', nargs='+', metavar='INPUT', help='image files and/or folders of images')
+    parser.add_argument('-o', '--output', required=True, metavar='OUTDIR',
+                        help='output folder (created if missing); outputs keep the input names')
+    parser.add_argument('--weights', default='rave_unpaired', metavar='NAME|PATH',
+                        help=f'released weights by name ({", ".join(OFFICIAL_WEIGHTS)}; downloaded once into '
+                        '$RAVE_CACHE_DIR or ~/.cache/rave_basicsr), an official .pth, or a BasicSR checkpoint '
+                        '(params_ema preferred over params). Default: rave_unpaired')
+    parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
+    parser.add_argument('--precision', default='fp32', choices=list(PRECISIONS),
+                        help='compute precision (bf16 autocast on CPU and CUDA; fp16 on CUDA only)')
+    parser.add_argument('--tile', type=int, default=None, metavar='N',
+                        help='process in N×N tiles (exact: same result as whole-image); 0 = never tile. '
+                        'Default: 990-px tiles for images above 1 megapixel')
+    parser.add_argument('--recursive', action='store_true', help='descend into sub-folders (the tree is kept)')
+    parser.add_argument('--overwrite', action='store_true', help='replace existing outputs (default: skip them)')
+    parser.add_argument('--format', dest='output_format', default='same', choices=['same', *OUTPUT_FORMATS],
+                        help='output format; same keeps the input format. Default: same')
+    parser.add_argument('--padding', dest='outer_padding', default='reflect', choices=['reflect', 'zeros'],
+                        help='padding of the outer convolutions: reflect (official inference, default) or zeros '
+                        '(as in official training)')
+    parser.add_argument('--eps', dest='division_eps', type=float, default=0.0,
+                        help='epsilon in I / (L + eps); 0 (default) as in official inference')
+    parser.add_argument('--quiet', action='store_true', help='no progress bar or per-image lines')
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = enhance_files(args.inputs, args.output, weights=args.weights, device=args.device,
+                            precision=args.precision, tile=args.tile, recursive=args.recursive,
+                            overwrite=args.overwrite, output_format=args.output_format,
+                            outer_padding=args.outer_padding, division_eps=args.division_eps,
+                            progress=not args.quiet, echo=lambda text: print(text, file=sys.stderr))
+    print(summary.describe())
+    return 0 if summary.ok else 1

@@ -1,0 +1,230 @@
+"""`rave enhance` and its importable functions on the photos users have, including every bad input."""
+import io
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+from rave_basicsr.cli.rave_cli import main as rave_main
+from rave_basicsr.inference.enhance import (autocast_dtype, enhance_files, enhance_image, resolve_tile,
+                                            select_device)
+from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.image_io import read_image
+
+
+@pytest.fixture(scope='module')
+def weights_file(tmp_path_factory):
+    """A small random network saved as a BasicSR checkpoint (no shared data needed)."""
+    torch.manual_seed(0)
+    network = BacklitUNet()
+    with torch.no_grad():
+        network.cond_add1.bias.fill_(0.5)
+    path = tmp_path_factory.mktemp('weights') / 'net_g_latest.pth'
+    torch_save_atomic({'params': network.state_dict()}, path)
+    return path
+
+
+def _rgb(h=24, w=32, seed=0):
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _enhance(inputs, out, weights_file, **kwargs):
+    return enhance_files([str(p) for p in inputs], out, weights=str(weights_file), device='cpu', progress=False,
+                         echo=lambda text: None, **kwargs)
+
+
+def test_enhance_image_array_and_tensor_agree(weights_file):
+    from rave_basicsr.inference.weights import load_enhancement_network
+    network = load_enhancement_network(weights_file)
+    rgb = _rgb().astype(np.float32) / 255
+    out = enhance_image(network, rgb)
+    tensor = enhance_image(network, torch.from_numpy(rgb).permute(2, 0, 1)[None])
+    assert out.shape == rgb.shape and out.dtype == np.float32
+    assert np.allclose(out, tensor[0].permute(1, 2, 0).numpy())
+    assert np.allclose(enhance_image(network, rgb, tile=9), out, atol=1e-4)
+    with pytest.raises(RaveError, match='H×W×3'):
+        enhance_image(network, rgb[:, :, 0])
+
+
+def test_formats_bit_depths_and_modes(weights_file, tmp_path):
+    src = tmp_path / 'in'
+    src.mkdir()
+    rgb = _rgb()
+    cv2.imwrite(str(src / 'a.png'), rgb)
+    cv2.imwrite(str(src / 'b.jpg'), rgb)
+    cv2.imwrite(str(src / 'c.tiff'), (rgb.astype(np.uint16) * 257))
+    cv2.imwrite(str(src / 'd.webp'), rgb)
+    cv2.imwrite(str(src / 'e.bmp'), rgb)
+    cv2.imwrite(str(src / 'f16.png'), (rgb.astype(np.uint16) * 257))  # 16-bit PNG
+    cv2.imwrite(str(src / 'grey.png'), rgb[:, :, 0])
+    rgba = np.dstack([rgb, np.linspace(0, 255, 32, dtype=np.uint8)[None].repeat(24, 0)])
+    cv2.imwrite(str(src / 'rgba.png'), rgba)
+    palette = Image.fromarray(rgb[:, :, ::-1].copy()).convert('P', palette=Image.ADAPTIVE, colors=16)
+    palette.save(src / 'palette.png')
+    summary = _enhance([src], tmp_path / 'out', weights_file)
+    assert summary.ok and len(summary.written) == 9
+    out = tmp_path / 'out'
+    for name in ('a.png', 'b.jpg', 'c.tiff', 'd.webp', 'e.bmp', 'f16.png', 'grey.png', 'rgba.png', 'palette.png'):
+        assert (out / name).is_file(), name
+    assert cv2.imread(str(out / 'c.tiff'), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    assert cv2.imread(str(out / 'f16.png'), cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    assert cv2.imread(str(out / 'a.png'), cv2.IMREAD_UNCHANGED).dtype == np.uint8
+    assert cv2.imread(str(out / 'grey.png'), cv2.IMREAD_UNCHANGED).ndim == 2
+    alpha_out = cv2.imread(str(out / 'rgba.png'), cv2.IMREAD_UNCHANGED)
+    assert alpha_out.shape == (24, 32, 4) and np.array_equal(alpha_out[:, :, 3], rgba[:, :, 3])
+    palette_out = read_image(str(out / 'palette.png'))
+    assert palette_out.rgb.shape == (24, 32, 3)
+    # the palette image is enhanced from its colours, as the RGB conversion gives them
+    from rave_basicsr.inference.weights import load_enhancement_network
+    expected = enhance_image(load_enhancement_network(weights_file),
+                             np.asarray(palette.convert('RGB'), dtype=np.float32) / 255)
+    assert np.abs(palette_out.rgb - expected).max() <= 1 / 255 + 1e-6
+
+
+def test_16_bit_output_keeps_precision(weights_file, tmp_path):
+    ramp = (np.linspace(0, 65535, 24 * 32 * 3).reshape(24, 32, 3)).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / 'deep.png'), ramp)
+    _enhance([tmp_path / 'deep.png'], tmp_path / 'out', weights_file)
+    out = cv2.imread(str(tmp_path / 'out' / 'deep.png'), cv2.IMREAD_UNCHANGED)
+    assert out.dtype == np.uint16 and len(np.unique(out)) > 256
+
+
+def test_output_format_choice_and_recursive_tree(weights_file, tmp_path):
+    (tmp_path / 'in' / 'sub').mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / 'in' / 'top.jpg'), _rgb())
+    cv2.imwrite(str(tmp_path / 'in' / 'sub' / 'deep.bmp'), _rgb(seed=1))
+    (tmp_path / 'in' / 'notes.txt').write_text('not an image, ignored in folders')
+    flat = _enhance([tmp_path / 'in'], tmp_path / 'flat', weights_file, output_format='png')
+    assert [w[1] for w in flat.written] == [str(tmp_path / 'flat' / 'top.png')]
+    tree = _enhance([tmp_path / 'in'], tmp_path / 'tree', weights_file, recursive=True, output_format='tiff')
+    assert tree.ok and (tmp_path / 'tree' / 'sub' / 'deep.tiff').is_file() and (tmp_path / 'tree' / 'top.tiff').is_file()
+
+
+def test_exif_orientation_applied(weights_file, tmp_path):
+    image = Image.fromarray(_rgb(20, 40))
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90° clockwise for display
+    image.save(tmp_path / 'rotated.jpg', exif=exif.tobytes())
+    _enhance([tmp_path / 'rotated.jpg'], tmp_path / 'out', weights_file)
+    assert cv2.imread(str(tmp_path / 'out' / 'rotated.jpg')).shape[:2] == (40, 20)
+
+
+def test_cmyk_jpeg_and_one_pixel_image(weights_file, tmp_path):
+    Image.new('CMYK', (16, 12), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg')  # pure red in CMYK
+    cv2.imwrite(str(tmp_path / 'dot.png'), np.array([[[10, 200, 30]]], np.uint8))
+    summary = _enhance([tmp_path / 'cmyk.jpg', tmp_path / 'dot.png'], tmp_path / 'out', weights_file)
+    assert summary.ok
+    red = read_image(str(tmp_path / 'out' / 'cmyk.jpg')).rgb
+    assert red.shape == (12, 16, 3) and red[..., 0].mean() > red[..., 1].mean() + 0.3
+    dot = cv2.imread(str(tmp_path / 'out' / 'dot.png'), cv2.IMREAD_UNCHANGED)
+    assert dot.shape == (1, 1, 3)
+
+
+def test_bad_inputs_are_reported_and_the_rest_processed(weights_file, tmp_path, capsys):
+    src = tmp_path / 'in'
+    src.mkdir()
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(64, 64)).save(buffer, 'JPEG')
+    data = buffer.getvalue()
+    (src / 'truncated.jpg').write_bytes(data[:len(data) // 2])
+    (src / 'corrupt.jpg').write_bytes(data[:200] + bytes(range(256)) * 8)
+    (src / 'empty.png').write_bytes(b'')
+    (src / 'text.png').write_text('this is not an image')
+    cv2.imwrite(str(src / 'good.png'), _rgb())
+    out = tmp_path / 'missing' / 'nested' / 'out'  # a missing output folder is created
+    code = rave_main(['enhance', str(src), str(tmp_path / 'nowhere.png'), '-o', str(out),
+                      '--weights', str(weights_file), '--device', 'cpu', '--quiet'])
+    captured = capsys.readouterr().out
+    assert code == 1
+    assert (out / 'good.png').is_file()
+    for name in ('truncated.jpg', 'corrupt.jpg', 'empty.png', 'text.png', 'nowhere.png'):
+        assert f'FAILED  {tmp_path / "in" / name if name != "nowhere.png" else tmp_path / name}' in captured
+        assert not (out / name).exists()
+    assert '1 enhanced, 0 skipped, 5 failed' in captured
+    assert 'empty (0 bytes)' in captured
+
+
+def test_existing_outputs_skipped_unless_overwrite(weights_file, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'photo.png'), _rgb())
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'photo.png').write_bytes(b'user file')
+    args = ['enhance', str(tmp_path / 'photo.png'), '-o', str(out), '--weights', str(weights_file), '--device',
+            'cpu', '--quiet']
+    assert rave_main(args) == 0
+    assert (out / 'photo.png').read_bytes() == b'user file'
+    assert 'exists (pass --overwrite' in capsys.readouterr().out
+    assert rave_main(args + ['--overwrite']) == 0
+    assert read_image(str(out / 'photo.png')).rgb.shape == (24, 32, 3)
+    assert not [p for p in out.iterdir() if p.name.startswith('.')]  # no temporary file left
+
+
+def test_progress_bar_and_per_image_timing(weights_file, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'p.png'), _rgb())
+    assert rave_main(['enhance', str(tmp_path / 'p.png'), '-o', str(tmp_path / 'o'), '--weights',
+                      str(weights_file), '--device', 'cpu']) == 0
+    captured = capsys.readouterr()
+    assert 'img' in captured.err and ' s  ' in captured.err  # tqdm bar and the per-image line
+    assert '1 enhanced, 0 skipped, 0 failed' in captured.out and 's per image' in captured.out
+
+
+def test_tiled_cli_output_equals_whole(weights_file, tmp_path):
+    cv2.imwrite(str(tmp_path / 'p.png'), (_rgb(40, 56).astype(np.uint16) * 257))
+    for tile, folder in ((0, 'whole'), (13, 'tiled')):
+        assert rave_main(['enhance', str(tmp_path / 'p.png'), '-o', str(tmp_path / folder), '--weights',
+                          str(weights_file), '--device', 'cpu', '--tile', str(tile), '--quiet']) == 0
+    whole = cv2.imread(str(tmp_path / 'whole' / 'p.png'), cv2.IMREAD_UNCHANGED).astype(int)
+    tiled = cv2.imread(str(tmp_path / 'tiled' / 'p.png'), cv2.IMREAD_UNCHANGED).astype(int)
+    assert np.abs(whole - tiled).max() <= 7  # 1e-4 of 65535
+
+
+def test_bad_weights_exit_2_with_a_message(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'p.png'), _rgb())
+    state = BacklitUNet().state_dict()
+    state['cond1.weight'] = torch.zeros(32, 4, 3, 3)
+    torch_save_atomic(state, tmp_path / 'wrong.pth')
+    code = rave_main(['enhance', str(tmp_path / 'p.png'), '-o', str(tmp_path / 'o'), '--weights',
+                      str(tmp_path / 'wrong.pth'), '--device', 'cpu', '--quiet'])
+    assert code == 2 and 'cond1.weight (32, 4, 3, 3)' in capsys.readouterr().err
+
+
+def test_precision_and_device_choices(weights_file):
+    cpu = torch.device('cpu')
+    assert autocast_dtype('fp32', cpu) is None and autocast_dtype('bf16', cpu) is torch.bfloat16
+    with pytest.warns(UserWarning, match='fp16 is not supported on the CPU'):
+        assert autocast_dtype('fp16', cpu) is None
+    assert autocast_dtype('fp16', torch.device('cuda')) is torch.float16
+    with pytest.raises(RaveError, match='precision'):
+        autocast_dtype('int8', cpu)
+    assert select_device('cpu') == cpu
+    with pytest.raises(RaveError, match='--device'):
+        select_device('tpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(RaveError, match='CUDA is not available'):
+            select_device('cuda')
+    from rave_basicsr.inference.weights import load_enhancement_network
+    network = load_enhancement_network(weights_file)
+    rgb = _rgb().astype(np.float32) / 255
+    assert np.abs(enhance_image(network, rgb, precision='bf16') - enhance_image(network, rgb)).mean() < 0.01
+
+
+def test_resolve_tile():
+    assert resolve_tile(None, 100, 100) == 0
+    assert resolve_tile(None, 3000, 4000) > 0
+    assert resolve_tile(64, 50, 60) == 0 and resolve_tile(64, 50, 70) == 64
+    with pytest.raises(RaveError, match='--tile'):
+        resolve_tile(-1, 10, 10)
+
+
+def test_parity_through_the_cli(shared_data, tmp_path):
+    """rave enhance with the official file reproduces the official outputs within one grey level."""
+    code = rave_main(['enhance', str(shared_data / 'backlit_samples' / 'backlit_2.png'), '-o', str(tmp_path),
+                      '--weights', str(shared_data / 'official_checkpoints' / 'rave_unpaired.pth'), '--quiet'])
+    assert code == 0
+    ours = read_image(str(tmp_path / 'backlit_2.png')).rgb
+    reference = read_image(str(shared_data / 'reference_outputs' / 'rave_unpaired__backlit_2.png')).rgb
+    assert np.abs(ours - reference).max() <= 1 / 255 + 1e-6

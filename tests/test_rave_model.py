@@ -1,0 +1,211 @@
+"""RAVEModel in-process: stages, losses, residual handling, bad input, saving and the training state."""
+import math
+
+import pytest
+import torch
+from basicsr.data import build_dataset
+from basicsr.metrics.psnr_ssim import calculate_psnr_pt
+from basicsr.models import build_model
+
+from rave_basicsr.guidance.encoders import build_image_encoder
+from rave_basicsr.models.backlit_base_model import TrainingDivergedError
+from rave_basicsr.residual.compute import compute_residual
+from rave_basicsr.utils.errors import RaveError
+from tests.rave_helpers import demo_data, model_options, rave_options
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return demo_data(tmp_path_factory.mktemp('demo'), size=48, n_train=4, n_welllit=4, n_val=2)
+
+
+def build(options, root, **overrides):
+    torch.manual_seed(0)
+    return build_model(model_options(options, root, **overrides))
+
+
+def train_batch(opt, count=2):
+    dataset = build_dataset(dict(opt['datasets']['train'], phase='train'))
+    return torch.utils.data.default_collate([dataset[i] for i in range(count)])
+
+
+def val_loader(options):
+    dataset = build_dataset(dict(options['datasets']['val'], phase='val'))
+    return torch.utils.data.DataLoader(dataset, batch_size=1)
+
+
+def test_stage_switch_at_configured_iteration(data, tmp_path):
+    options = rave_options('switch', data, warmup_iters=3, crop=32)
+    model = build(options, tmp_path)
+    batch = train_batch(options)
+    stages = []
+    for it in range(1, 6):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        stages.append(sorted(model.get_current_log()))
+    assert stages[:3] == [['warmup/l_id', 'warmup/l_total']] * 3
+    assert stages[3:] == [['guided/l_id', 'guided/l_rave', 'guided/l_total']] * 2
+    assert model.schedule.name == 'guided' and model.schedule.iter_in_stage == 2
+
+
+def test_warmup_length_zero_trains_guided_from_the_start(data, tmp_path):
+    model = build(rave_options('nowarm', data, warmup_iters=0, crop=32), tmp_path)
+    assert model.schedule.name == 'guided'
+    model.feed_data(train_batch(rave_options('nowarm', data)))
+    model.optimize_parameters(1)
+    assert 'guided/l_rave' in model.get_current_log()
+
+
+def test_guided_loss_decreases_on_fixed_data(data, tmp_path):
+    options = rave_options('decrease', data, warmup_iters=30, crop=32)
+    options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)
+    options['train']['optim_g']['lr'] = 1e-4
+    model = build(options, tmp_path)
+    batch = train_batch(options)
+    losses = []
+    for it in range(1, 51):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        if it > 30:
+            losses.append(model.get_current_log()['guided/l_total'])
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_warmup_makes_the_network_close_to_identity(data, tmp_path):
+    options = rave_options('identity', data, warmup_iters=1000, crop=32, batch=4)
+    options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)
+    model = build(options, tmp_path)
+    batch = train_batch(options, count=4)
+    for it in range(1, 81):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+    psnrs = []
+    for val_data in val_loader(options):
+        model.feed_data(val_data)
+        model.test()
+        psnrs.append(float(calculate_psnr_pt(model.output, model.lq, crop_border=0)))
+    assert min(psnrs) >= 30.0, psnrs
+
+
+def test_nan_loss_stops_before_touching_the_weights(data, tmp_path, monkeypatch):
+    options = rave_options('nan', data, warmup_iters=0, crop=32)
+    model = build(options, tmp_path)
+    before = {k: v.clone() for k, v in model.net_g.state_dict().items()}
+    original = type(model).stage_loss
+
+    def nan_loss(self, stage):
+        loss, parts = original(self, stage)
+        return loss * float('nan'), parts
+
+    monkeypatch.setattr(type(model), 'stage_loss', nan_loss)
+    model.feed_data(train_batch(options))
+    with pytest.raises(TrainingDivergedError, match='NaN/Inf.*last good checkpoint'):
+        model.optimize_parameters(7)
+    for key, value in model.net_g.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_residual_file_from_another_encoder_is_refused(data, tmp_path):
+    other = build_image_encoder({'type': 'arch', 'network': {'type': 'ImageStatsEncoder', 'grid_size': 2}})
+    path = tmp_path / 'other.safetensors'
+    compute_residual(other, data['outdir'] + '/train_welllit', data['outdir'] + '/train_backlit',
+                     progress=False).save(str(path))
+    options = rave_options('otherenc', data)
+    options['residual'] = {'path': str(path)}
+    with pytest.raises(RaveError, match='another encoder|dimensional'):
+        build(options, tmp_path)
+
+
+def test_residual_file_from_the_same_encoder_is_used(data, tmp_path):
+    encoder = build_image_encoder({'type': 'arch', 'network': {'type': 'ImageStatsEncoder'}})
+    vector = compute_residual(encoder, data['outdir'] + '/train_welllit', data['outdir'] + '/train_backlit',
+                              progress=False)
+    path = tmp_path / 'same.safetensors'
+    vector.save(str(path))
+    options = rave_options('sameenc', data)
+    options['residual'] = {'path': str(path)}
+    model = build(options, tmp_path)
+    torch.testing.assert_close(model.residual, vector.residual)
+    assert model.threshold == pytest.approx(vector.threshold)
+
+
+def test_empty_well_lit_set_is_refused(data, tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    options = rave_options('empty', data)
+    options['residual']['well_lit'] = str(empty)
+    with pytest.raises(RaveError, match='empty|no .*images|well'):
+        build(options, tmp_path)
+
+
+def test_paired_validation_without_ground_truth_is_refused(data, tmp_path):
+    options = rave_options('nogt', data)
+    options['datasets']['val'].pop('dataroot_gt')
+    model = build(options, tmp_path)
+    with pytest.raises(RaveError, match='need ground truth.*dataroot_gt'):
+        model.validation(val_loader(options), 1, None, False)
+    # no-reference metrics run on the same set
+    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
+    model = build(options, tmp_path)
+    model.validation(val_loader(options), 1, None, False)
+    assert -1.0 <= model.validation_results['guidance'] <= 1.0
+
+
+def test_validation_metrics_and_missing_lpips(data, tmp_path, caplog):
+    metrics = {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
+               'psnr_y': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': True},
+               'ssim': {'type': 'calculate_ssim', 'crop_border': 0, 'test_y_channel': False},
+               'rave_psnr': {'type': 'calculate_rave_psnr'}, 'rave_ssim': {'type': 'calculate_rave_ssim'},
+               'lpips': {'type': 'calculate_rave_lpips'}, 'guidance': {'type': 'calculate_guidance_score'}}
+    options = rave_options('metrics', data, metrics=metrics)
+    model = build(options, tmp_path)
+    model.validation(val_loader(options), 3, None, True)
+    results = model.validation_results
+    assert {'psnr', 'psnr_y', 'ssim', 'rave_psnr', 'rave_ssim', 'guidance'} <= set(results)
+    assert all(math.isfinite(v) for v in results.values())
+    try:
+        import lpips  # noqa: F401
+    except ImportError:
+        assert 'lpips' not in results
+        assert 'LPIPS' in caplog.text or 'lpips' in caplog.text
+    pngs = list((tmp_path / 'experiments' / 'metrics' / 'visualization').rglob('*_3.png'))
+    assert len(pngs) == 2
+
+
+def test_training_state_is_complete_and_weights_only(data, tmp_path):
+    options = rave_options('state', data, warmup_iters=1, crop=32)
+    model = build(options, tmp_path)
+    model.feed_data(train_batch(options))
+    model.optimize_parameters(1)
+    model.save(0, 1)
+    state = torch.load(tmp_path / 'experiments/state/training_states/1.state', weights_only=True)
+    extra = state['backlit']
+    assert extra['stages']['names'] == ['warmup', 'guided'] and extra['stages']['index'] == 1
+    torch.testing.assert_close(extra['guidance']['residual'], model.residual.cpu())
+    assert extra['guidance']['info']['encoder_identity'] == model.encoder('guidance_encoder').identity
+    assert set(extra['encoders']) == {'identity_encoder', 'guidance_encoder'}
+    weights = torch.load(tmp_path / 'experiments/state/models/net_g_1.pth', weights_only=True)
+    assert set(weights) == {'params'} and not any('encoder' in k for k in weights['params'])
+    assert len(list(weights['params'])) == len(model.net_g.state_dict())
+
+
+def test_bf16_autocast_and_channels_last_train_on_cpu(data, tmp_path):
+    options = rave_options('amp', data, warmup_iters=1, crop=32)
+    options['train'].update(mixed_precision='bf16', channels_last=True)
+    model = build(options, tmp_path)
+    batch = train_batch(options)
+    for it in (1, 2):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+    assert all(math.isfinite(v) for v in model.get_current_log().values())
+    options['train']['mixed_precision'] = 'fp16'
+    with pytest.raises(RaveError, match='fp16 needs a CUDA'):
+        build(options, tmp_path)
+
+
+def test_no_scheduler_and_a_basicsr_scheduler(data, tmp_path):
+    options = rave_options('sched', data)
+    assert build(options, tmp_path).schedulers == []
+    options['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': [10], 'gamma': 0.5}
+    model = build(options, tmp_path)
+    assert len(model.schedulers) == 1 and options['train']['scheduler']['type'] == 'MultiStepLR'

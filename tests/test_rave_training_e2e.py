@@ -1,0 +1,166 @@
+"""`basicsr train` with RAVEModel end to end on the CPU: train/validate/save, exact resume, torchrun, NaN stop,
+`rave enhance` with a training checkpoint, and the offline demo's PSNR gain."""
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.pipeline_helpers import subprocess_env, write_options
+from tests.rave_helpers import demo_data, rave_options
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env():
+    return dict(subprocess_env(), OMP_NUM_THREADS='1')
+
+
+def run_basicsr(args, cwd, timeout=400):
+    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def read_log(experiment: Path) -> str:
+    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    # 4 backlit training images, batch 2: 2 iterations per epoch
+    return demo_data(tmp_path_factory.mktemp('demo'), size=48, n_train=4, n_welllit=4, n_val=2)
+
+
+def test_train_validate_save_from_yaml(data, tmp_path):
+    opt = write_options(tmp_path / 'rave.yml', rave_options('e2e', data, total_iter=4, warmup_iters=2, crop=32))
+    result = run_basicsr(['train', '-opt', str(opt)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / 'experiments' / 'e2e'
+    for name in ('models/net_g_4.pth', 'models/net_g_latest.pth', 'training_states/4.state',
+                 'residual.safetensors'):
+        assert (experiment / name).is_file(), name
+    assert len(list((experiment / 'visualization').rglob('*_4.png'))) == 2
+    log = read_log(experiment)
+    assert re.search(r'# psnr: \d+\.\d+', log) and re.search(r'# rave_psnr: \d+\.\d+', log)
+    assert re.search(r'# guidance: -?\d\.\d+', log)
+    assert 'warmup/l_id' in log and 'guided/l_rave' in log and 'stage "warmup" ended' in log
+
+
+def final_weights(root: Path, name: str, label: str = '8') -> dict:
+    return torch.load(root / 'experiments' / name / 'models' / f'net_g_{label}.pth', weights_only=True)['params']
+
+
+def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path):
+    # checkpoints every 4 iterations = every 2 epochs; the warm-up (3 iterations) ends inside the first part
+    options = rave_options('resume', data, total_iter=8, warmup_iters=3, save_freq=4, crop=32)
+    options['datasets']['train']['augment'] = 'official'  # random crops, flips, zoom and rotation: RNG matters
+    options['train']['optim_g']['lr'] = 1e-3
+    reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
+    reference_dir.mkdir()
+    resumed_dir.mkdir()
+    opt = write_options(tmp_path / 'resume.yml', options)
+    assert run_basicsr(['train', '-opt', str(opt)], cwd=reference_dir).returncode == 0
+    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=4'], cwd=resumed_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=resumed_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = read_log(resumed_dir / 'experiments' / 'resume')
+    assert re.search(r'Resumed in stage "guided", round 1: iteration 1/2100', log)
+    reference, resumed = final_weights(reference_dir, 'resume'), final_weights(resumed_dir, 'resume')
+    initial = final_weights(resumed_dir, 'resume', '4')
+    assert any(not torch.equal(initial[k], reference[k]) for k in reference)  # training went on after 4
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
+
+
+NAN_DRIVER = textwrap.dedent('''
+    """basicsr train with the RAVE loss turned NaN from iteration 6 on."""
+    import sys
+    import rave_basicsr  # noqa: F401
+    from rave_basicsr.cli import basicsr_cli
+    from rave_basicsr.models.rave_model import RAVEModel
+
+    original = RAVEModel.optimize_parameters
+    def optimize_parameters(self, current_iter):
+        self._nan = current_iter >= 6
+        return original(self, current_iter)
+    original_loss = RAVEModel.stage_loss
+    def stage_loss(self, stage):
+        loss, parts = original_loss(self, stage)
+        return (loss * float('nan') if self._nan else loss), parts
+    RAVEModel.optimize_parameters = optimize_parameters
+    RAVEModel.stage_loss = stage_loss
+    sys.exit(basicsr_cli.main(sys.argv[1:]))
+''')
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_path):
+    opt = write_options(tmp_path / 'nan.yml', rave_options('nan', data, total_iter=8, warmup_iters=2, crop=32))
+    (tmp_path / 'driver.py').write_text(NAN_DRIVER)
+    result = subprocess.run([sys.executable, 'driver.py', 'train', '-opt', str(opt)], cwd=tmp_path,
+                            capture_output=True, text=True, env=env(), timeout=400)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'iteration 6' in result.stderr and 'NaN/Inf' in result.stderr and 'last good' in result.stderr
+    assert 'Traceback' not in result.stderr
+    models = tmp_path / 'experiments' / 'nan' / 'models'
+    assert sorted(p.name for p in models.glob('*.pth')) == ['net_g_2.pth', 'net_g_4.pth']
+    weights = torch.load(models / 'net_g_4.pth', weights_only=True)['params']
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+TORCHRUN_DRIVER = textwrap.dedent('''
+    """basicsr train under torchrun; dumps this rank's final weights and residual for comparison."""
+    import os, sys
+    import torch
+    import rave_basicsr  # noqa: F401
+    import basicsr.train
+    from rave_basicsr.cli import basicsr_cli
+
+    models = []
+    original_build_model = basicsr.train.build_model
+    def capturing_build_model(opt):
+        models.append(original_build_model(opt))
+        return models[-1]
+    basicsr.train.build_model = capturing_build_model
+    code = basicsr_cli.main(sys.argv[1:])
+    model = models[0]
+    torch.save({'net': model.get_bare_model(model.net_g).state_dict(), 'residual': model.residual.cpu(),
+                'threshold': model.threshold}, f'rank{os.environ["RANK"]}.pt')
+    sys.exit(code)
+''')
+
+
+def test_two_process_cpu_torchrun(data, tmp_path):
+    options = rave_options('ddp', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32, batch=1)
+    options['datasets']['train']['augment'] = 'official'
+    opt = write_options(tmp_path / 'ddp.yml', options)
+    (tmp_path / 'driver.py').write_text(TORCHRUN_DRIVER)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29537',
+               'driver.py', 'train', '-opt', str(opt), '--launcher', 'pytorch']
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=400)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    torch.testing.assert_close(rank0['residual'], rank1['residual'], rtol=0, atol=0)
+    assert rank0['threshold'] == rank1['threshold']
+    saved = torch.load(tmp_path / 'experiments/ddp/models/net_g_4.pth', weights_only=True)['params']
+    for key in saved:
+        torch.testing.assert_close(rank0['net'][key], rank1['net'][key], rtol=0, atol=0)
+        torch.testing.assert_close(rank0['net'][key], saved[key], rtol=0, atol=0)
+    assert 'world_size: 2' in read_log(tmp_path / 'experiments' / 'ddp')
+
+
+def test_training_checkpoint_enhances_a_photo_with_rave_enhance(data, tmp_path):
+    opt = write_options(tmp_path / 'ck.yml', rave_options('ck', data, total_iter=2, warmup_iters=2, crop=32))
+    assert run_basicsr(['train', '-opt', str(opt)], cwd=tmp_path).returncode == 0
+    checkpoint = tmp_path / 'experiments/ck/models/net_g_latest.pth'
+    photo = Path(data['outdir']) / 'val_backlit'
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(photo), '-o', str(tmp_path / 'out'),
+               '--weights', str(checkpoint)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted((tmp_path / 'out').iterdir())
+    assert len(outputs) == 2 and all(p.stat().st_size > 0 for p in outputs)
