@@ -1,6 +1,8 @@
 """CLIPLITModel in-process: stage transitions, the ranking terms fed by earlier rounds, stage A's class
 separation on held-out demo images, the guidance score, saved pairs, and every bad input of the issue."""
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import prepare_size, to_tensor
 from rave_basicsr.models.clip_lit_model import well_lit_probability
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.options import load_option_file, load_yaml_text
 from tests.clip_lit_helpers import clip_lit_options, model_options
 from tests.rave_helpers import demo_data
 
@@ -147,7 +150,7 @@ def test_saved_pair_loads_as_pretrained_guidance(data, tmp_path, guidance):
     model.save(0, 2)
     saved = tmp_path / 'experiments' / options['name'] / 'models' / 'guidance_2.pth'
     assert saved.is_file()
-    options['path']['pretrain_guidance'] = str(saved)
+    options['path']['pretrain_network_guidance'] = str(saved)
     options['train']['prompt_init']['iters'] = 0
     again = build(options, tmp_path / 'again')
     torch.testing.assert_close(again.pair_param.detach(), model.pair_param.detach(), rtol=0, atol=0)
@@ -196,7 +199,7 @@ def test_latent_pair_of_another_size_is_refused(data, tmp_path):
     wrong = tmp_path / 'pair.pth'
     torch.save({'pair': torch.randn(2, 10)}, wrong)
     options = clip_lit_options('wrong', data)
-    options['path']['pretrain_guidance'] = str(wrong)
+    options['path']['pretrain_network_guidance'] = str(wrong)
     with pytest.raises(RaveError, match='10-dimensional'):
         build(options, tmp_path)
     torch.save({'nothing': torch.randn(2, 10)}, wrong)
@@ -214,3 +217,41 @@ def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):
     options['guidance'] = 'words'
     with pytest.raises(RaveError, match='option guidance must be'):
         build(options, tmp_path)
+
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+
+
+@pytest.mark.parametrize('name, guidance, lr, welllit', [
+    ('train_clip_lit.yml', 'prompt', 5e-6, 'DIV2K_384'),
+    ('train_clip_lit_latent.yml', 'latent', 5e-4, 'DIV2K_384'),
+    ('train_clip_lit_paired.yml', 'prompt', 5e-6, 'BAID_380/resize_gt'),
+    ('train_clip_lit_latent_paired.yml', 'latent', 5e-4, 'BAID_380/resize_gt'),
+])
+def test_option_files_hold_the_paper_hyperparameters(name, guidance, lr, welllit):
+    opt = load_option_file(str(OPTIONS / name))
+    train = opt['train']
+    assert opt['model_type'] == 'CLIPLITModel' and opt['guidance'] == guidance and opt['rank_order'] == 'official'
+    assert train['optim_guidance']['lr'] == lr and train['optim_g']['lr'] == 2e-5
+    assert train['optim_g']['weight_decay'] == train['optim_guidance']['weight_decay'] == 1e-3
+    stages = {k: (train[k]['iters'], train[k]['extend_by'], train[k]['extend_threshold'])
+              for k in ('prompt_init', 'network', 'prompt')}
+    assert stages == {'prompt_init': (8000, 100, 60.0), 'network': (2100, 60, 90.0), 'prompt': (1000, 100, 60.0)}
+    assert train['warmup']['iters'] == 1000 and train['warmup']['reinit_psnr'] == 8.0
+    assert (train['guidance_opt']['loss_weight'], train['ranking_opt']['loss_weight'],
+            train['identity_opt']['loss_weight']) == (320.0, 200.0, 22.5)
+    assert opt['prompt_data']['dataroot_welllit'].endswith(welllit) and opt['prompt_data']['batch_size'] == 16
+    assert opt['results']['size'] == 256 and opt['datasets']['train']['batch_size_per_gpu'] == 8
+
+
+@pytest.mark.parametrize('name', ['train_clip_lit_demo.yml', 'train_clip_lit_latent_demo.yml'])
+def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
+    text = (OPTIONS / 'demo' / name).read_text().replace('demo/data', data['outdir'])
+    opt = load_yaml_text(text, name)
+    train = opt['train']
+    lengths = [train['prompt_init']['iters'], train['warmup']['iters']] + \
+        [train['network']['iters'] + train['prompt']['iters']] * train['num_rounds']
+    assert sum(lengths) == train['total_iter']  # the schedule ends exactly at total_iter
+    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
+    model = build(json.loads(json.dumps(opt)), tmp_path)
+    assert model.guidance_type == opt['guidance'] and model.schedule.name == 'prompt_init'

@@ -27,7 +27,7 @@ prompt_length: 16                 # "X" tokens of the init prompt (prompt guidan
 rank_order: official              # official: S(I_t) > S(I_{t-1}) (newest results nearer to backlit); paper: reverse
 prompt_data: {dataroot_welllit: DIR, dataroot_backlit: ~, resize: 256, augment: official, batch_size: 16}
 results: {at: best, display_iter: 20, window: 30, size: 256, batch_size: 8}
-path: {pretrain_guidance: ~}      # a saved pair (ours, or the original's init_prompt_pair.pth) to start from
+path: {pretrain_network_guidance: ~}      # a saved pair (ours, or the original's init_prompt_pair.pth) to start from
 train:
   optim_g: {type: Adam, lr: !!float 2e-5, weight_decay: !!float 1e-3}
   optim_guidance: {type: Adam, lr: !!float 5e-6, weight_decay: !!float 1e-3}   # latent: 5e-4
@@ -119,7 +119,7 @@ class CLIPLITModel(BacklitBaseModel):
 
     # ------------------------------------------------------------------ the learnable pair
     def build_pair(self) -> torch.nn.Parameter:
-        """A fresh pair (official init) or the one from ``path: pretrain_guidance``."""
+        """A fresh pair (official init) or the one from ``path: pretrain_network_guidance``."""
         from rave_basicsr.guidance.encoders import check_embedding_size, require_text_tower
         from rave_basicsr.guidance.prompts import init_eot_index, init_soft_prompts
 
@@ -131,13 +131,13 @@ class CLIPLITModel(BacklitBaseModel):
             value = init_soft_prompts(encoder, 2, length)
         else:
             value = torch.randn(2, encoder.embed_dim)
-        load_path = self.opt['path'].get('pretrain_guidance')
+        load_path = self.opt['path'].get('pretrain_network_guidance')
         if load_path:
             loaded = self.read_pair_file(load_path)
             if self.guidance_type == 'latent':
                 check_embedding_size(encoder, loaded.shape[-1], f'the latent pair in {load_path}')
             if loaded.shape != value.shape:
-                raise RaveError(f'path:pretrain_guidance {load_path}: the pair has shape {list(loaded.shape)}, but '
+                raise RaveError(f'path:pretrain_network_guidance {load_path}: the pair has shape {list(loaded.shape)}, but '
                                 f'guidance: {self.guidance_type} with this encoder needs {list(value.shape)}.')
             value = loaded
             self.logger.info(f'Guidance pair loaded from {load_path}.')
@@ -221,10 +221,10 @@ class CLIPLITModel(BacklitBaseModel):
             iters = stage['iters']
             if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
                 raise RaveError(f'train:{name}:iters must be an integer >= 0, got {iters!r}.')
-        if options['prompt_init']['iters'] == 0 and not self.opt['path'].get('pretrain_guidance'):
+        if options['prompt_init']['iters'] == 0 and not self.opt['path'].get('pretrain_network_guidance'):
             raise RaveError('train:prompt_init:iters is 0 but no trained pair is given: the pair would start '
                             f'{"as two identical prompts" if self.guidance_type == "prompt" else "random"} and '
-                            'guide nothing. Give path:pretrain_guidance (a saved pair) or a positive length.')
+                            'guide nothing. Give path:pretrain_network_guidance (a saved pair) or a positive length.')
         if options['network']['iters'] == 0:
             raise RaveError('train:network:iters is 0: the rounds would never train the network. Give it a '
                             'positive length (the original: 2100).')
@@ -401,7 +401,7 @@ class CLIPLITModel(BacklitBaseModel):
     # ------------------------------------------------------------------ validation
     def guidance_direction(self) -> Optional[torch.Tensor]:
         """Positive minus negative normalised member (None before a pair exists, e.g. testing without one)."""
-        if self.pair_param is None and not self.is_train and self.opt['path'].get('pretrain_guidance'):
+        if self.pair_param is None and not self.is_train and self.opt['path'].get('pretrain_network_guidance'):
             self.pair_param = self.build_pair()
         if self.pair_param is None:
             return None
