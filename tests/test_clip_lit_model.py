@@ -255,3 +255,25 @@ def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
     opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
     model = build(json.loads(json.dumps(opt)), tmp_path)
     assert model.guidance_type == opt['guidance'] and model.schedule.name == 'prompt_init'
+
+
+def test_test_mode_scores_with_a_saved_pair(data, tmp_path):
+    options = clip_lit_options('testmode', data, stages=(2, 1, 1, 1))
+    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
+    model = build(options, tmp_path)
+    run(model, options, 2)
+    model.save(0, 2)
+    models = tmp_path / 'experiments' / 'testmode' / 'models'
+    test_opt = copy.deepcopy(options)
+    test_opt['path'].update(pretrain_network_g=str(models / 'net_g_2.pth'),
+                            pretrain_network_guidance=str(models / 'guidance_2.pth'))
+    del test_opt['train']
+    tester = build_model(model_options(test_opt, tmp_path / 'test', is_train=False))
+    loader = torch.utils.data.DataLoader(build_dataset(dict(options['datasets']['val'], phase='val')))
+    tester.nondist_validation(loader, 0, None, False)
+    model.nondist_validation(loader, 2, None, False)
+    assert tester.validation_results['guidance'] == pytest.approx(model.validation_results['guidance'], abs=1e-6)
+    del test_opt['path']['pretrain_network_guidance']
+    blind = build_model(model_options(test_opt, tmp_path / 'blind', is_train=False))
+    blind.nondist_validation(loader, 0, None, False)
+    assert 'guidance' not in blind.validation_results  # skipped with a message: no pair to score with
