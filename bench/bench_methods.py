@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,12 +50,14 @@ FULL = {'crop': 512, 'batch': 8, 'prompt_batch': 16, 'result_size': 256, 'train_
 
 
 def timed(step, iters: int) -> float:
-    """Seconds per call of ``step(i)`` after one untimed call."""
+    """Median seconds per call of ``step(i)`` after one untimed call (the median resists a busy shared CPU)."""
     step(0)
-    start = time.perf_counter()
+    times = []
     for i in range(iters):
+        start = time.perf_counter()
         step(i + 1)
-    return (time.perf_counter() - start) / iters
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def stage_seconds(model, stage: str, batch: dict, iters: int) -> float:
@@ -92,11 +95,15 @@ def rave_model(data, root, encoders, args):
     return build_model(model_options(options, root))
 
 
-def project(rows: dict, args) -> dict:
-    """Full-schedule wall time (hours) of each method from per-iteration seconds (see the module docstring)."""
-    net_scale = (FULL['crop'] ** 2 * FULL['batch']) / (args.crop ** 2 * args.batch)
-    prompt_scale = FULL['prompt_batch'] / args.prompt_batch
-    result_scale = FULL['result_size'] ** 2 / args.crop ** 2
+def project(rows: dict, args, scaled: bool) -> dict:
+    """Full-schedule wall time (hours) of each method from per-iteration seconds (see the module docstring).
+
+    ``scaled``: per-iteration costs scaled to the originals' sizes (linear in pixels × batch: an upper-bound-style
+    estimate); otherwise the schedules are costed at the bench's own sizes (a lower-bound-style estimate).
+    """
+    net_scale = (FULL['crop'] ** 2 * FULL['batch']) / (args.crop ** 2 * args.batch) if scaled else 1.0
+    prompt_scale = FULL['prompt_batch'] / args.prompt_batch if scaled else 1.0
+    result_scale = FULL['result_size'] ** 2 / args.crop ** 2 if scaled else 1.0
     rest = FULL['clip_lit_total'] - FULL['prompt_init'] - FULL['warmup']
     rounds_full, left = divmod(rest, FULL['network'] + FULL['prompt'])
     rounds = rounds_full + (1 if left else 0)
@@ -115,6 +122,9 @@ def project(rows: dict, args) -> dict:
                    + rounds * args.best_events * FULL['train_images'] * r['results_per_image'] * result_scale)
         out[f'{method}_hours'] = seconds / 3600
         out[f'ratio_{method}_to_rave'] = seconds / rave
+        # RAVE guided iterations whose schedule would be 25x shorter than this method's (the paper's claim)
+        out[f'rave_guided_iters_for_25x_{method}'] = max(0.0, (seconds / 25 / net_scale - FULL['warmup'] *
+                                                              rows['rave']['warmup']) / rows['rave']['guided'])
     return out
 
 
@@ -148,7 +158,9 @@ def main() -> None:
         model = rave_model(data, root, encoders, args)
         rows['rave'] = {stage: stage_seconds(model, stage, batch, args.iters) for stage in ('warmup', 'guided')}
         print(enc_name, 'rave', rows['rave'], flush=True)
-        results['encoders'][enc_name] = {'seconds_per_iter': rows, 'projection': project(rows, args)}
+        results['encoders'][enc_name] = {'seconds_per_iter': rows,
+                                         'projection': {'bench_sizes': project(rows, args, scaled=False),
+                                                        'original_sizes': project(rows, args, scaled=True)}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'methods.json').write_text(json.dumps(results, indent=2))
@@ -163,7 +175,7 @@ def markdown(results: dict) -> str:
              f'{s["crop"]} px, batch {s["batch"]} (network stages) and batch {s["prompt_batch"]} (prompt stages), '
              f'{s["iters"]} timed iterations per stage after one untimed one; random encoder weights.', '']
     for enc_name, entry in results['encoders'].items():
-        rows, proj = entry['seconds_per_iter'], entry['projection']
+        rows = entry['seconds_per_iter']
         lines += [f'## {enc_name}', '', '| method | A prompt_init | B warmup | C-1 network | C-2 prompt | '
                   'results s/image | RAVE guided |', '|---|---|---|---|---|---|---|']
         for method in ('clip_lit', 'clip_lit_latent'):
@@ -171,16 +183,22 @@ def markdown(results: dict) -> str:
             lines.append(f'| {method} (it/s) | {1 / r["prompt_init"]:.2f} | {1 / r["warmup"]:.2f} | '
                          f'{1 / r["network"]:.2f} | {1 / r["prompt"]:.2f} | {r["results_per_image"]:.4f} | |')
         lines.append(f'| rave (it/s) | | {1 / rows["rave"]["warmup"]:.2f} | | | | {1 / rows["rave"]["guided"]:.2f} |')
-        a = proj['assumptions']
-        lines += ['', f'Projected full default schedules on this device (512 px batch 8, prompt batch 16; '
-                      f'CLIP-LIT {a["clip_lit_total"]} iterations = {a["prompt_init"]} A + {a["warmup"]} B + '
-                      f'{a["c1_iters"]} C-1 + {a["c2_iters"]} C-2 in {a["clip_lit_rounds"]} rounds, '
-                      f'{a["best_events_per_round"]} best-model inferences of {a["train_images"]} images per round; '
-                      f'RAVE {a["warmup"]} B + {a["rave_guided_iters"]} guided):', '',
-                  f'* RAVE: {proj["rave_hours"]:.1f} h',
-                  f'* CLIP-LIT: {proj["clip_lit_hours"]:.1f} h, {proj["ratio_clip_lit_to_rave"]:.1f}× RAVE',
-                  f'* CLIP-LIT-Latent: {proj["clip_lit_latent_hours"]:.1f} h, '
-                  f'{proj["ratio_clip_lit_latent_to_rave"]:.1f}× RAVE', '']
+        a = entry['projection']['bench_sizes']['assumptions']
+        lines += ['', f'Projected default schedules on this device (CLIP-LIT {a["clip_lit_total"]} iterations = '
+                      f'{a["prompt_init"]} A + {a["warmup"]} B + {a["c1_iters"]} C-1 + {a["c2_iters"]} C-2 in '
+                      f'{a["clip_lit_rounds"]} rounds, {a["best_events_per_round"]} best-model inferences of '
+                      f'{a["train_images"]} images per round; RAVE {a["warmup"]} B + {a["rave_guided_iters"]} '
+                      'guided), costed at the bench sizes and scaled linearly to the originals\' sizes '
+                      '(512 px batch 8, prompt batch 16, results at 256 px):', '',
+                  '| costing | RAVE | CLIP-LIT | CLIP-LIT-Latent | CLIP-LIT / RAVE | CLIP-LIT-Latent / RAVE | '
+                  'RAVE guided iterations for 25× (CLIP-LIT / Latent) |', '|---|---|---|---|---|---|---|']
+        for label, key in (('bench sizes', 'bench_sizes'), ('original sizes (linear)', 'original_sizes')):
+            p = entry['projection'][key]
+            lines.append(f'| {label} | {p["rave_hours"]:.2f} h | {p["clip_lit_hours"]:.2f} h | '
+                         f'{p["clip_lit_latent_hours"]:.2f} h | {p["ratio_clip_lit_to_rave"]:.1f}× | '
+                         f'{p["ratio_clip_lit_latent_to_rave"]:.1f}× | {p["rave_guided_iters_for_25x_clip_lit"]:.0f}'
+                         f' / {p["rave_guided_iters_for_25x_clip_lit_latent"]:.0f} |')
+        lines.append('')
     lines += ['The ratios count wall time of the default schedules, not convergence: the RAVE paper reports '
               'convergence up to ~25× faster, which also depends on how many iterations each method needs (RAVE\'s '
               'iteration count is unpublished; 20 000 is options/train_rave.yml\'s choice).', '']
