@@ -1,0 +1,419 @@
+"""CLIP-LIT (spec §2) and CLIP-LIT-Latent (spec §3) training on the shared staged model base.
+
+``guidance: prompt`` learns a soft-prompt pair ``[2, 77, width]`` that the text tower encodes (CLIP-LIT);
+``guidance: latent`` learns two vectors ``[2, D]`` directly in the image-embedding space, N(0, 1) initialised, with
+no text tower (CLIP-LIT-Latent; any image-only encoder works, ImageStatsEncoder included). Row 0 is the negative
+(backlit) member, row 1 the positive (well-lit) one. Stages (names as logged):
+
+* ``prompt_init`` (A): the pair alone, ``PromptInitLoss`` (cross-entropy) on guidance-encoder features of
+  augmented backlit (label 0) and well-lit (label 1) images of ``prompt_data`` (a ``LabelledBacklitDataset``
+  built by the model: BasicSR's single train loader serves backlit images only);
+* ``warmup`` (B): the base's identity warm-up (with its re-initialisation guard);
+* rounds of ``network`` (C-1: ``320·PromptGuidanceLoss + 22.5·identity`` with the pair frozen) and ``prompt``
+  (C-2: ``200·PromptRankingLoss`` on backlit / well-lit couples and the enhanced training images of the latest
+  one or two rounds; the network frozen).
+
+Enhanced results feed the ranking terms as a **feature bank**: the normalised guidance-encoder features of the
+network's outputs on every backlit training image at ``results: size`` (256² as the originals), recorded at the
+originals' "best model" events of each network stage (``results: at: best``) or once at its end (``at: end``).
+Only the latest two rounds are kept. It lives in memory and in the training state: N×D floats per round (380×512
+floats = 0.8 MB for the original data) instead of a folder of PNGs per round, and it makes resuming exact.
+
+Options beyond :mod:`rave_basicsr.models.backlit_base_model` (defaults reproduce the official code):
+
+```yaml
+guidance: prompt                  # prompt (CLIP-LIT) | latent (CLIP-LIT-Latent)
+prompt_length: 16                 # "X" tokens of the init prompt (prompt guidance)
+rank_order: official              # official: S(I_t) > S(I_{t-1}) (newest results nearer to backlit); paper: reverse
+prompt_data: {dataroot_welllit: DIR, dataroot_backlit: ~, resize: 256, augment: official, batch_size: 16}
+results: {at: best, display_iter: 20, window: 30, size: 256, batch_size: 8}
+path: {pretrain_network_guidance: ~}      # a saved pair (ours, or the original's init_prompt_pair.pth) to start from
+train:
+  optim_g: {type: Adam, lr: !!float 2e-5, weight_decay: !!float 1e-3}
+  optim_guidance: {type: Adam, lr: !!float 5e-6, weight_decay: !!float 1e-3}   # latent: 5e-4
+  prompt_init: {iters: 8000, extend_by: 100, extend_threshold: 60}
+  network: {iters: 2100, extend_by: 60, extend_threshold: 90}
+  prompt: {iters: 1000, extend_by: 100, extend_threshold: 60}
+  num_rounds: ~                   # ~: rounds repeat until total_iter
+  guidance_opt: {type: PromptGuidanceLoss, loss_weight: 320}
+  init_opt: {type: PromptInitLoss, loss_weight: 1}
+  ranking_opt: {type: PromptRankingLoss, loss_weight: 200}
+```
+"""
+import math
+from collections import OrderedDict, deque
+from os import path as osp
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from basicsr.losses import build_loss
+from basicsr.utils.registry import MODEL_REGISTRY
+
+from rave_basicsr.models.backlit_base_model import BacklitBaseModel
+from rave_basicsr.models.stages import StageSchedule, StageSpec
+from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.file_io import torch_load_safe, torch_save_atomic
+
+GUIDANCE_TYPES = ('prompt', 'latent')
+RANK_ORDERS = ('official', 'paper')
+DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_threshold': 60.0},
+                  'network': {'iters': 2100, 'extend_by': 60, 'extend_threshold': 90.0},
+                  'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0}}
+DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 'batch_size': 8}
+DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
+#: keys under which saved pairs are accepted (ours, the original CLIP-LIT ``Prompts`` module, RAVE's latents)
+PAIR_KEYS = ('pair', 'embedding_prompt', 'guidance_embeddings')
+
+
+def well_lit_probability(embeds: torch.Tensor, pair: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """``[B]`` softmax probability of the positive (well-lit) member: the CLIP-LIT guidance score per image."""
+    logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(pair.float(), dim=-1).t()
+    return logits.softmax(dim=-1)[:, 1]
+
+
+class EpochSampler:
+    """Batches of indices from per-epoch random permutations (drop_last), resumable from two integers.
+
+    The prompt stages draw their batches here rather than from a DataLoader so that the position is part of the
+    training state and a resumed run sees the same batches.
+    """
+
+    def __init__(self, length: int, batch_size: int, seed: int) -> None:
+        if batch_size > length:
+            raise RaveError(f'prompt_data:batch_size ({batch_size}) is larger than the prompt data set '
+                            f'({length} items); lower it.')
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.epoch, self.position = 0, 0
+
+    def next(self) -> List[int]:
+        if self.position + self.batch_size > self.length:
+            self.epoch, self.position = self.epoch + 1, 0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.length, generator=generator)
+        batch = order[self.position:self.position + self.batch_size].tolist()
+        self.position += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {'epoch': self.epoch, 'position': self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state['epoch']), int(state['position'])
+
+
+@MODEL_REGISTRY.register()
+class CLIPLITModel(BacklitBaseModel):
+    """CLIP-LIT / CLIP-LIT-Latent: pair initialisation, identity warm-up, then network / pair refinement rounds."""
+
+    ENCODERS = {'identity_encoder': 'identity', 'guidance_encoder': 'guidance'}
+
+    def __init__(self, opt: dict) -> None:
+        self.guidance_type = opt.get('guidance', 'prompt')
+        if self.guidance_type not in GUIDANCE_TYPES:
+            raise RaveError(f'option guidance must be one of {list(GUIDANCE_TYPES)} (prompt: CLIP-LIT, latent: '
+                            f'CLIP-LIT-Latent), got {self.guidance_type!r}.')
+        self.pair_param: Optional[torch.nn.Parameter] = None
+        self.autocast_dtype = None  # the base sets it only when training; test() needs it in `basicsr test` too
+        super().__init__(opt)
+
+    # ------------------------------------------------------------------ the learnable pair
+    def build_pair(self) -> torch.nn.Parameter:
+        """A fresh pair (official init) or the one from ``path: pretrain_network_guidance``."""
+        from rave_basicsr.guidance.encoders import check_embedding_size, require_text_tower
+        from rave_basicsr.guidance.prompts import init_eot_index, init_soft_prompts
+
+        encoder = self.encoder('guidance_encoder')
+        if self.guidance_type == 'prompt':
+            require_text_tower(encoder, 'guidance: prompt (CLIP-LIT learned text prompts)')
+            length = self.opt.get('prompt_length', 16)
+            self.eot_index = init_eot_index(encoder, length)
+            value = init_soft_prompts(encoder, 2, length)
+        else:
+            value = torch.randn(2, encoder.embed_dim)
+        load_path = self.opt['path'].get('pretrain_network_guidance')
+        if load_path:
+            loaded = self.read_pair_file(load_path)
+            if self.guidance_type == 'latent':
+                check_embedding_size(encoder, loaded.shape[-1], f'the latent pair in {load_path}')
+            if loaded.shape != value.shape:
+                raise RaveError(f'path:pretrain_network_guidance {load_path}: the pair has shape {list(loaded.shape)}, but '
+                                f'guidance: {self.guidance_type} with this encoder needs {list(value.shape)}.')
+            value = loaded
+            self.logger.info(f'Guidance pair loaded from {load_path}.')
+        return torch.nn.Parameter(value.float().to(self.device))
+
+    @staticmethod
+    def read_pair_file(path: str) -> torch.Tensor:
+        state = torch_load_safe(path)
+        if isinstance(state, torch.Tensor):
+            return state
+        if isinstance(state, dict):
+            for key in PAIR_KEYS:
+                if key in state:
+                    return state[key]
+        raise RaveError(f'{path}: no guidance pair found (expected a tensor or a dict with one of {list(PAIR_KEYS)}, '
+                        'e.g. a guidance_*.pth saved by CLIPLITModel or the original init_prompt_pair.pth).')
+
+    def guidance_pair(self) -> torch.Tensor:
+        """``[2, D]`` guidance embeddings (unnormalised), differentiable w.r.t. the learnable pair."""
+        if self.guidance_type == 'latent':
+            return self.pair_param
+        return self.encoder('guidance_encoder').encode_soft_prompts(self.pair_param, self.eot_index)
+
+    # ------------------------------------------------------------------ set-up
+    def setup_guidance(self, train_opt: dict, resuming: bool) -> None:
+        from rave_basicsr.data.backlit_dataset import LabelledBacklitDataset
+
+        self.pair_param = self.build_pair()
+        if self.opt['dist']:
+            dist.broadcast(self.pair_param.data, 0)
+            world = self.opt['world_size']
+            self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
+        self.cri_init = build_loss(dict(train_opt.get('init_opt') or {'type': 'PromptInitLoss'}))
+        self.cri_guidance = build_loss(dict(train_opt.get('guidance_opt')
+                                            or {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0}))
+        order = self.opt.get('rank_order', 'official')
+        if order not in RANK_ORDERS:
+            raise RaveError(f'option rank_order must be one of {list(RANK_ORDERS)}, got {order!r}.')
+        ranking = dict(train_opt.get('ranking_opt') or {'type': 'PromptRankingLoss', 'loss_weight': 200.0})
+        ranking.setdefault('newest_closer_to_backlit', order == 'official')
+        self.cri_ranking = build_loss(ranking)
+
+        results = dict(DEFAULT_RESULTS, **(self.opt.get('results') or {}))
+        if results['at'] not in ('best', 'end'):
+            raise RaveError(f'option results:at must be best or end, got {results["at"]!r}.')
+        for key in ('display_iter', 'window', 'size', 'batch_size'):
+            if isinstance(results[key], bool) or not isinstance(results[key], int) or results[key] < 1:
+                raise RaveError(f'option results:{key} must be a positive integer, got {results[key]!r}.')
+        self.results_opt = results
+
+        data_opt = dict(DEFAULT_PROMPT_DATA, **(self.opt.get('prompt_data') or {}))
+        if not data_opt.get('dataroot_welllit'):
+            raise RaveError('option prompt_data:dataroot_welllit is missing: the folder or LMDB of well-lit images '
+                            'the prompt stages contrast with the backlit ones (unpaired: DIV2K_384; paired: the '
+                            'ground truth of the backlit training images).')
+        data_opt.setdefault('dataroot_backlit', None)
+        data_opt['dataroot_backlit'] = data_opt['dataroot_backlit'] or \
+            (self.opt['datasets'].get('train') or {}).get('dataroot_backlit')
+        batch_size = data_opt.pop('batch_size')
+        self.init_data = LabelledBacklitDataset(dict(data_opt, mode='single'))
+        self.pair_data = LabelledBacklitDataset(dict(data_opt, mode='pairs'))
+        seed = int(self.opt.get('manual_seed') or 0) + self.opt['rank']
+        self.init_sampler = EpochSampler(len(self.init_data), batch_size, seed)
+        self.pair_sampler = EpochSampler(len(self.pair_data), batch_size, seed + 7919)
+
+        self.bank: Dict[int, torch.Tensor] = OrderedDict()   # round -> [N_backlit, D] normalised features
+        self.loss_window = deque(maxlen=results['window'])
+        self.best_score = -math.inf
+        self.frozen_pair: Optional[torch.Tensor] = None
+        self.last_ranking_sets: List[str] = []
+
+    @staticmethod
+    def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / world
+
+    def define_stages(self, train_opt: dict) -> StageSchedule:
+        options = {name: dict(defaults, **(train_opt.get(name) or {})) for name, defaults in DEFAULT_STAGES.items()}
+        for name, stage in options.items():
+            iters = stage['iters']
+            if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
+                raise RaveError(f'train:{name}:iters must be an integer >= 0, got {iters!r}.')
+        if options['prompt_init']['iters'] == 0 and not self.opt['path'].get('pretrain_network_guidance'):
+            raise RaveError('train:prompt_init:iters is 0 but no trained pair is given: the pair would start '
+                            f'{"as two identical prompts" if self.guidance_type == "prompt" else "random"} and '
+                            'guide nothing. Give path:pretrain_network_guidance (a saved pair) or a positive length.')
+        if options['network']['iters'] == 0:
+            raise RaveError('train:network:iters is 0: the rounds would never train the network. Give it a '
+                            'positive length (the original: 2100).')
+
+        def spec(name: str, optimizer: str) -> StageSpec:
+            stage = options[name]
+            return StageSpec(name, int(stage['iters']), optimizer, extend_by=int(stage['extend_by'] or 0),
+                             extend_threshold=stage['extend_threshold'], max_extensions=stage.get('max_extensions'))
+
+        return StageSchedule([spec('prompt_init', 'guidance'), self.warmup_stage(train_opt)],
+                             [spec('network', 'net_g'), spec('prompt', 'guidance')],
+                             num_rounds=train_opt.get('num_rounds'))
+
+    def define_optimizers(self, train_opt: dict):
+        optimizers = super().define_optimizers(train_opt)
+        default_lr = 5e-6 if self.guidance_type == 'prompt' else 5e-4
+        options = dict(train_opt.get('optim_guidance') or {'type': 'Adam', 'lr': default_lr, 'weight_decay': 1e-3})
+        optimizers['guidance'] = ([self.pair_param], options)
+        return optimizers
+
+    # ------------------------------------------------------------------ stage losses
+    def stage_loss(self, stage: StageSpec) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if stage.name == 'prompt_init':
+            return self.prompt_init_loss()
+        if stage.name == 'network':
+            return self.network_loss()
+        if stage.name == 'prompt':
+            return self.ranking_loss()
+        return super().stage_loss(stage)
+
+    def encode_normalised(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.encoder('guidance_encoder').encode_image(images.to(self.device)).float(), dim=-1)
+
+    def prompt_init_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Stage A: cross-entropy of the pair on well-lit vs backlit image features (explicit labels)."""
+        items = [self.init_data[i] for i in self.init_sampler.next()]
+        features = self.encode_normalised(torch.stack([item['lq'] for item in items]))
+        labels = torch.tensor([item['label'] for item in items], dtype=torch.int64, device=self.device)
+        loss = self.cri_init(features, self.guidance_pair(), labels)
+        return loss, {'l_init': loss}
+
+    def network_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Stage C-1: 320·p_backlit(output) + 22.5·L_id with the pair frozen (encoded once per stage)."""
+        if self.frozen_pair is None:
+            with torch.no_grad():
+                self.frozen_pair = self.guidance_pair().detach().float()
+        self.output = self.net_g(self.lq)
+        l_clip = self.cri_guidance(self.encoder('guidance_encoder').encode_image(self.output), self.frozen_pair)
+        with torch.no_grad():
+            target = self.identity_features(self.lq)
+        l_id = self.cri_identity(self.identity_features(self.output), target)
+        return l_clip + l_id, OrderedDict(l_clip=l_clip, l_id=l_id)
+
+    def ranking_sets(self) -> Tuple[Optional[int], Optional[int]]:
+        """The rounds whose results enter this prompt stage: (newest I_t, previous I_{t-1}), None where absent."""
+        current = self.schedule.round
+        newest = current if current in self.bank else None
+        previous = current - 1 if newest is not None and current - 1 in self.bank else None
+        return newest, previous
+
+    def ranking_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Stage C-2: 200·rank loss on backlit / well-lit couples plus the latest rounds' results."""
+        indices = self.pair_sampler.next()
+        items = [self.pair_data[i] for i in indices]
+        backlit = self.encode_normalised(torch.stack([item['backlit'] for item in items]))
+        welllit = self.encode_normalised(torch.stack([item['welllit'] for item in items]))
+        rows = torch.tensor([self.pair_data.pairs[i][0] for i in indices])
+        newest, previous = self.ranking_sets()
+        sets = {'backlit': backlit, 'welllit': welllit}
+        if newest is not None:
+            sets['newest'] = self.bank[newest][rows].to(self.device)
+        if previous is not None:
+            sets['previous'] = self.bank[previous][rows].to(self.device)
+        self.last_ranking_sets = [f'round{newest}' if k == 'newest' else f'round{previous}' if k == 'previous'
+                                  else k for k in sets]
+        loss = self.cri_ranking(self.guidance_pair(), **sets)
+        return loss, {'l_rank': loss}
+
+    # ------------------------------------------------------------------ results of the rounds (feature bank)
+    def optimize_parameters(self, current_iter: int) -> None:
+        stage, round_ = self.schedule.current, self.schedule.round
+        position = (self.schedule.index, self.schedule.round)
+        done = self.schedule.iter_in_stage + 1
+        super().optimize_parameters(current_iter)
+        if stage.name != 'network':
+            return
+        ended = (self.schedule.index, self.schedule.round) != position or self.schedule.finished
+        if self.results_opt['at'] == 'best':
+            self.loss_window.append(-float(self.log_dict['network/l_total']))
+            if done % self.results_opt['display_iter'] == 0:
+                score = sum(self.loss_window) / len(self.loss_window)
+                if score > self.best_score:
+                    self.best_score = score
+                    self.record_results(round_, current_iter)
+        elif ended:
+            self.record_results(round_, current_iter)
+
+    def record_results(self, round_: int, current_iter: int) -> None:
+        """Enhance every backlit training image at ``results:size``² and keep their normalised features.
+
+        The originals write these outputs as PNGs at each "best model" event and read them back in the prompt
+        stage; their features are all the ranking loss uses. Every rank computes the same bank (deterministic).
+        """
+        from rave_basicsr.data.transforms import prepare_size, to_tensor
+
+        source, size = self.pair_data.backlit, self.results_opt['size']
+        net = self.get_bare_model(self.net_g)
+        was_training = net.training
+        net.eval()
+        features = []
+        with torch.no_grad(), self.autocast():
+            for start in range(0, len(source), self.results_opt['batch_size']):
+                stop = min(start + self.results_opt['batch_size'], len(source))
+                images = torch.stack([to_tensor(prepare_size(source.read(i).rgb, size, None, 'upscale',
+                                                             source.path(i))) for i in range(start, stop)])
+                features.append(self.encode_normalised(net(images.to(self.device)).float()).cpu())
+        net.train(was_training)
+        self.bank[round_] = torch.cat(features)
+        for old in [r for r in self.bank if r < round_ - 1]:
+            del self.bank[old]
+        self.logger.info(f'Iteration {current_iter}: results of round {round_ + 1} recorded '
+                         f'({len(source)} backlit images at {size}²; feature bank holds rounds '
+                         f'{[r + 1 for r in self.bank]}).')
+
+    def on_stage_start(self, stage: StageSpec) -> None:
+        if stage.name == 'network':
+            self.frozen_pair = None
+            self.loss_window.clear()
+            self.best_score = -math.inf
+        if stage.name == 'prompt':
+            newest, previous = self.ranking_sets()
+            self.logger.info(f'Prompt refinement of round {self.schedule.round + 1} ranks backlit, well-lit' +
+                             ('' if newest is None else f' and the results of round {newest + 1}') +
+                             ('' if previous is None else f' and {previous + 1}') + '.')
+
+    # ------------------------------------------------------------------ state
+    def guidance_state_dict(self) -> dict:
+        return {'type': self.guidance_type, 'pair': self.pair_param.detach().cpu().clone(),
+                'bank': {str(r): f.clone() for r, f in self.bank.items()},
+                'loss_window': list(self.loss_window), 'best_score': self.best_score,
+                'init_sampler': self.init_sampler.state_dict(), 'pair_sampler': self.pair_sampler.state_dict()}
+
+    def load_guidance_state_dict(self, state: dict) -> None:
+        from rave_basicsr.guidance.encoders import check_embedding_size
+
+        if state.get('type') != self.guidance_type:
+            raise RaveError(f'the training state holds a "{state.get("type")}" pair but option guidance is '
+                            f'"{self.guidance_type}"; resume with the option file of the interrupted run.')
+        pair = state['pair']
+        if self.guidance_type == 'latent':
+            check_embedding_size(self.encoder('guidance_encoder'), pair.shape[-1], 'the training state\'s latent pair')
+        if pair.shape != self.pair_param.shape:
+            raise RaveError(f'the training state\'s pair has shape {list(pair.shape)}, the options need '
+                            f'{list(self.pair_param.shape)}; resume with the option file of the interrupted run.')
+        with torch.no_grad():
+            self.pair_param.copy_(pair.to(self.device))
+        self.bank = OrderedDict((int(r), f) for r, f in state['bank'].items())
+        self.loss_window.clear()
+        self.loss_window.extend(state['loss_window'])
+        self.best_score = float(state['best_score'])
+        self.init_sampler.load_state_dict(state['init_sampler'])
+        self.pair_sampler.load_state_dict(state['pair_sampler'])
+        self.frozen_pair = None
+
+    def save(self, epoch: int, current_iter: int) -> None:
+        """Network and training state as the base, plus ``models/guidance_{iter}.pth`` (the pair alone)."""
+        super().save(epoch, current_iter)
+        if self.opt['rank'] == 0 and self.pair_param is not None:
+            label = 'latest' if current_iter == -1 else current_iter
+            torch_save_atomic({'pair': self.pair_param.detach().cpu(), 'guidance': self.guidance_type},
+                              osp.join(self.opt['path']['models'], f'guidance_{label}.pth'))
+
+    # ------------------------------------------------------------------ validation
+    def guidance_direction(self) -> Optional[torch.Tensor]:
+        """Positive minus negative normalised member (None before a pair exists, e.g. testing without one)."""
+        if self.pair_param is None and not self.is_train and self.opt['path'].get('pretrain_network_guidance'):
+            self.pair_param = self.build_pair()
+        if self.pair_param is None:
+            return None
+        with torch.no_grad():
+            pair = F.normalize(self.guidance_pair().float(), dim=-1)
+        return pair[1] - pair[0]
+
+    def compute_metric(self, name: str, metric_opt: dict, result_img, gt_img, img_name: str) -> Optional[float]:
+        """The guidance score here is the mean probability of the well-lit member (spec §2.5's 1 - p_neg)."""
+        if metric_opt['type'] != 'calculate_guidance_score':
+            return super().compute_metric(name, metric_opt, result_img, gt_img, img_name)
+        with torch.no_grad():
+            embeds = self.encoder('guidance_encoder').encode_image(self.output.float())
+            return float(well_lit_probability(embeds, self.guidance_pair().float()).mean())

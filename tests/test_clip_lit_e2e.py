@@ -1,0 +1,90 @@
+"""`basicsr train` with CLIPLITModel from YAML on the CPU: both guidance types through every stage and two rounds,
+and a run interrupted in the middle of a prompt-refinement stage that resumes to identical weights."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.clip_lit_helpers import clip_lit_options
+from tests.pipeline_helpers import subprocess_env, write_options
+from tests.rave_helpers import demo_data
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_basicsr(args, cwd, timeout=400):
+    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          env=dict(subprocess_env(), OMP_NUM_THREADS='1'), timeout=timeout)
+
+
+def read_log(experiment: Path) -> str:
+    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    # 4 backlit training images, batch 2: 2 iterations per epoch
+    return demo_data(tmp_path_factory.mktemp('demo'), size=48, n_train=4, n_welllit=4, n_val=2)
+
+
+@pytest.mark.parametrize('guidance', ['latent', 'prompt'])
+def test_every_stage_and_two_rounds_from_yaml(data, tmp_path, guidance):
+    # prompt_init 2, warmup 2, then rounds of network 2 + prompt 2: two rounds end at iteration 12
+    options = clip_lit_options('e2e_' + guidance, data, guidance=guidance, total_iter=12, stages=(2, 2, 2, 2),
+                               save_freq=12)
+    options['val']['metrics'] = {'psnr': {'type': 'calculate_psnr', 'crop_border': 0, 'test_y_channel': False},
+                                 'guidance': {'type': 'calculate_guidance_score'}}
+    result = run_basicsr(['train', '-opt', str(write_options(tmp_path / 'clip_lit.yml', options))], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiment = tmp_path / 'experiments' / options['name']
+    for name in ('models/net_g_12.pth', 'models/guidance_12.pth', 'training_states/12.state'):
+        assert (experiment / name).is_file(), name
+    log = read_log(experiment)
+    ends = re.findall(r'Iteration (\d+): stage "(\w+)" ended', log)
+    assert ends == [('2', 'prompt_init'), ('4', 'warmup'), ('6', 'network'), ('8', 'prompt'), ('10', 'network'),
+                    ('12', 'prompt')]
+    assert 'ranks backlit, well-lit and the results of round 2 and 1' in log
+    assert re.search(r'# guidance: [01]\.\d+', log) and re.search(r'# psnr: \d+\.\d+', log)
+    state = torch.load(experiment / 'training_states' / '12.state', weights_only=True)['backlit']
+    assert state['guidance']['type'] == guidance and sorted(state['guidance']['bank']) == ['0', '1']
+    assert (state['stages']['round'], state['stages']['iter_in_stage']) == (2, 0)  # round 3 starts next
+
+
+def final(root: Path, name: str, label: str) -> dict:
+    models = root / 'experiments' / name / 'models'
+    return {'net': torch.load(models / f'net_g_{label}.pth', weights_only=True)['params'],
+            'pair': torch.load(models / f'guidance_{label}.pth', weights_only=True)['pair']}
+
+
+def test_resume_in_the_middle_of_prompt_refinement_is_exact(data, tmp_path):
+    # prompt_init 2, warmup 2, round 1: network 5-6, prompt 7-10; round 2: network 11-12, prompt 13-16.
+    # Interrupted at 14 (an epoch end), in round 2's prompt stage with the results of rounds 1 and 2 in the bank.
+    options = clip_lit_options('resume', data, total_iter=16, stages=(2, 2, 2, 4), save_freq=14)
+    options['val']['val_freq'] = 1000
+    options['train']['optim_g']['lr'] = 1e-4
+    options['train']['optim_guidance']['lr'] = 1e-2
+    opt = write_options(tmp_path / 'resume.yml', options)
+    reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
+    reference_dir.mkdir()
+    resumed_dir.mkdir()
+    assert run_basicsr(['train', '-opt', str(opt)], cwd=reference_dir).returncode == 0
+    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=14'], cwd=resumed_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=resumed_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = read_log(resumed_dir / 'experiments' / 'resume')
+    assert re.search(r'Resumed in stage "prompt", round 2: iteration 2/4', log)
+    state = torch.load(resumed_dir / 'experiments' / 'resume' / 'training_states' / '14.state',
+                       weights_only=True)['backlit']
+    assert sorted(state['guidance']['bank']) == ['0', '1']
+    interrupted = final(resumed_dir, 'resume', '14')
+    reference, resumed = final(reference_dir, 'resume', 'latest'), final(resumed_dir, 'resume', 'latest')
+    assert not torch.equal(interrupted['pair'], reference['pair'])  # the pair moved after the interruption
+    torch.testing.assert_close(resumed['pair'], reference['pair'], rtol=0, atol=0)
+    for key in reference['net']:
+        torch.testing.assert_close(resumed['net'][key], reference['net'][key], rtol=0, atol=0)

@@ -1,0 +1,279 @@
+"""CLIPLITModel in-process: stage transitions, the ranking terms fed by earlier rounds, stage A's class
+separation on held-out demo images, the guidance score, saved pairs, and every bad input of the issue."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from basicsr.data import build_dataset
+from basicsr.models import build_model
+
+from rave_basicsr.data.image_source import ImageSource
+from rave_basicsr.data.transforms import prepare_size, to_tensor
+from rave_basicsr.models.clip_lit_model import well_lit_probability
+from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.options import load_option_file, load_yaml_text
+from tests.clip_lit_helpers import clip_lit_options, model_options
+from tests.rave_helpers import demo_data
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return demo_data(tmp_path_factory.mktemp('demo'), size=48, n_train=4, n_welllit=6, n_val=6)
+
+
+def build(options, root):
+    torch.manual_seed(0)  # network and latent initialisation
+    return build_model(model_options(options, root))
+
+
+def run(model, options, iterations):
+    """Feed BasicSR-style backlit batches (the training set in order) for ``iterations`` iterations."""
+    dataset = build_dataset(dict(options['datasets']['train'], phase='train'))
+    batch = options['datasets']['train']['batch_size_per_gpu']
+    for it in range(1, iterations + 1):
+        start = (it - 1) * batch
+        model.feed_data({'lq': torch.stack([dataset[(start + i) % len(dataset)]['lq'] for i in range(batch)])})
+        model.optimize_parameters(it)
+
+
+class RankingRecorder(torch.nn.Module):
+    """Wraps the ranking loss and records, per call, the round and the sets it was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.inner, self.calls = model, model.cri_ranking, []
+
+    def forward(self, guidance, **sets):
+        self.calls.append((self.model.schedule.round, {k: v.detach().clone() for k, v in sets.items()}))
+        return self.inner(guidance, **sets)
+
+
+def test_stages_change_at_configured_iterations_and_ranking_uses_earlier_rounds(data, tmp_path):
+    options = clip_lit_options('stages', data, stages=(3, 2, 2, 3))
+    options['train']['optim_g']['lr'] = 2e-4
+    model = build(options, tmp_path)
+    recorder = RankingRecorder(model)
+    model.cri_ranking = recorder
+    seen = []
+    original_step = model.schedule.step
+
+    def step(monitored=None):
+        seen.append((model.schedule.name, model.schedule.round))
+        return original_step(monitored)
+
+    model.schedule.step = step
+    run(model, options, 3 + 2 + 2 + 3 + 2 + 3)
+    expected = ([('prompt_init', 0)] * 3 + [('warmup', 0)] * 2 + [('network', 0)] * 2 + [('prompt', 0)] * 3 +
+                [('network', 1)] * 2 + [('prompt', 1)] * 3)
+    assert seen == expected
+    assert [(h['name'], h['round'], h['iterations']) for h in model.schedule.history] == [
+        ('prompt_init', 0, 3), ('warmup', 0, 2), ('network', 0, 2), ('prompt', 0, 3), ('network', 1, 2),
+        ('prompt', 1, 3)]
+    # round 1: backlit, well-lit and round 1's results (3 sets); round 2: round 2's and round 1's (4 sets)
+    assert [(r, sorted(sets)) for r, sets in recorder.calls] == \
+        [(0, ['backlit', 'newest', 'welllit'])] * 3 + [(1, ['backlit', 'newest', 'previous', 'welllit'])] * 3
+    assert sorted(model.bank) == [0, 1]
+    assert not torch.equal(model.bank[0], model.bank[1])  # the network changed between the rounds
+    rows = model.pair_data.pairs
+    last_round, last_sets = recorder.calls[-1]
+    sampler_rows = [rows[i][0] for i in range(len(rows))]
+    for name, bank_round in (('newest', 1), ('previous', 0)):
+        matches = [any(torch.equal(vector, model.bank[bank_round][r]) for r in sampler_rows)
+                   for vector in last_sets[name]]
+        assert all(matches), name
+    # the bank holds the outputs' normalised features of every backlit image at results:size
+    assert model.bank[1].shape == (4, model.encoder('guidance_encoder').embed_dim)
+    torch.testing.assert_close(model.bank[1].norm(dim=1), torch.ones(4))
+
+
+def test_bank_features_are_the_network_outputs_at_result_size(data, tmp_path):
+    options = clip_lit_options('bank', data, stages=(1, 1, 2, 1), results={'at': 'end'})
+    model = build(options, tmp_path)
+    run(model, options, 4)
+    assert list(model.bank) == [0]
+    source = ImageSource(data['train_backlit'])
+    images = torch.stack([to_tensor(prepare_size(source.read(i).rgb, 32, None, 'upscale', '')) for i in
+                          range(len(source))])
+    with torch.no_grad():
+        expected = F.normalize(model.encoder('guidance_encoder').encode_image(model.net_g(images)), dim=-1)
+    torch.testing.assert_close(model.bank[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_init_separates_held_out_backlit_and_welllit(data, tmp_path):
+    options = clip_lit_options('init', data, stages=(60, 1, 1, 1), prompt_batch=6)
+    options['train']['optim_guidance']['lr'] = 0.05
+    model = build(options, tmp_path)
+    encoder = model.encoder('guidance_encoder')
+
+    def accuracy():
+        correct, total = 0, 0
+        for folder, label in ((data['val_backlit'], 0), (data['val_gt'], 1)):
+            source = ImageSource(folder)
+            images = torch.stack([to_tensor(source.read(i).rgb) for i in range(len(source))])
+            with torch.no_grad():
+                p_well = well_lit_probability(encoder.encode_image(images), model.guidance_pair())
+            correct += int(((p_well > 0.5).long() == label).sum())
+            total += len(source)
+        return correct / total
+
+    run(model, options, 60)
+    assert model.schedule.name == 'warmup'
+    assert accuracy() >= 0.9  # 12 held-out images, chance is 0.5
+
+
+def test_guidance_score_is_the_well_lit_probability(data, tmp_path):
+    options = clip_lit_options('score', data, stages=(2, 1, 1, 1))
+    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
+    model = build(options, tmp_path)
+    run(model, options, 2)
+    loader = torch.utils.data.DataLoader(build_dataset(dict(options['datasets']['val'], phase='val')))
+    model.nondist_validation(loader, 2, None, False)
+    score = model.validation_results['guidance']
+    source = ImageSource(data['val_backlit'])
+    images = torch.stack([to_tensor(source.read(i).rgb) for i in range(len(source))])
+    with torch.no_grad():
+        outputs = model.net_g(images)
+        expected = well_lit_probability(model.encoder('guidance_encoder').encode_image(outputs),
+                                        model.guidance_pair()).mean()
+    assert 0.0 <= score <= 1.0
+    assert score == pytest.approx(float(expected), abs=1e-5)
+
+
+@pytest.mark.parametrize('guidance', ['latent', 'prompt'])
+def test_saved_pair_loads_as_pretrained_guidance(data, tmp_path, guidance):
+    options = clip_lit_options('save_' + guidance, data, guidance=guidance, stages=(2, 1, 1, 1))
+    model = build(options, tmp_path)
+    run(model, options, 2)
+    model.save(0, 2)
+    saved = tmp_path / 'experiments' / options['name'] / 'models' / 'guidance_2.pth'
+    assert saved.is_file()
+    options['path']['pretrain_network_guidance'] = str(saved)
+    options['train']['prompt_init']['iters'] = 0
+    again = build(options, tmp_path / 'again')
+    torch.testing.assert_close(again.pair_param.detach(), model.pair_param.detach(), rtol=0, atol=0)
+    assert again.schedule.name == 'warmup'
+
+
+def test_prompt_guidance_needs_a_text_tower(data, tmp_path):
+    options = clip_lit_options('notext', data, guidance='prompt')
+    options['guidance_encoder'] = {'type': 'arch', 'network': {'type': 'ImageStatsEncoder'}}
+    with pytest.raises(RaveError, match='text tower'):
+        build(options, tmp_path)
+
+
+def test_empty_welllit_set_is_refused(data, tmp_path):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    options = clip_lit_options('empty', data)
+    options['prompt_data']['dataroot_welllit'] = str(empty)
+    with pytest.raises(RaveError, match='empty'):
+        build(options, tmp_path)
+    del options['prompt_data']['dataroot_welllit']
+    with pytest.raises(RaveError, match='prompt_data:dataroot_welllit'):
+        build(options, tmp_path)
+
+
+@pytest.mark.parametrize('stages, message', [
+    ((0, 1, 1, 1), 'train:prompt_init:iters is 0'),
+    ((1, 1, 0, 1), 'train:network:iters is 0'),
+    ((1, 1, 0, 0), 'train:network:iters is 0'),
+    ((-1, 1, 1, 1), 'train:prompt_init:iters must be'),
+])
+def test_zero_length_stages_are_refused(data, tmp_path, stages, message):
+    with pytest.raises(RaveError, match=message):
+        build(clip_lit_options('zero', data, stages=stages), tmp_path)
+
+
+def test_zero_length_prompt_refinement_and_warmup_are_skipped(data, tmp_path):
+    options = clip_lit_options('skip', data, stages=(1, 0, 2, 0))
+    model = build(options, tmp_path)
+    run(model, options, 5)
+    assert [(h['name'], h['iterations']) for h in model.schedule.history] == [
+        ('prompt_init', 1), ('warmup', 0), ('network', 2), ('prompt', 0), ('network', 2), ('prompt', 0)]
+
+
+def test_latent_pair_of_another_size_is_refused(data, tmp_path):
+    wrong = tmp_path / 'pair.pth'
+    torch.save({'pair': torch.randn(2, 10)}, wrong)
+    options = clip_lit_options('wrong', data)
+    options['path']['pretrain_network_guidance'] = str(wrong)
+    with pytest.raises(RaveError, match='10-dimensional'):
+        build(options, tmp_path)
+    torch.save({'nothing': torch.randn(2, 10)}, wrong)
+    with pytest.raises(RaveError, match='no guidance pair'):
+        build(options, tmp_path)
+
+
+def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):
+    options = clip_lit_options('kind', data, stages=(1, 1, 1, 1))
+    model = build(options, tmp_path)
+    state = copy.deepcopy(model.guidance_state_dict())
+    state['type'] = 'prompt'
+    with pytest.raises(RaveError, match='option guidance'):
+        model.load_guidance_state_dict(state)
+    options['guidance'] = 'words'
+    with pytest.raises(RaveError, match='option guidance must be'):
+        build(options, tmp_path)
+
+
+OPTIONS = Path(__file__).resolve().parents[1] / 'options'
+
+
+@pytest.mark.parametrize('name, guidance, lr, welllit', [
+    ('train_clip_lit.yml', 'prompt', 5e-6, 'DIV2K_384'),
+    ('train_clip_lit_latent.yml', 'latent', 5e-4, 'DIV2K_384'),
+    ('train_clip_lit_paired.yml', 'prompt', 5e-6, 'BAID_380/resize_gt'),
+    ('train_clip_lit_latent_paired.yml', 'latent', 5e-4, 'BAID_380/resize_gt'),
+])
+def test_option_files_hold_the_paper_hyperparameters(name, guidance, lr, welllit):
+    opt = load_option_file(str(OPTIONS / name))
+    train = opt['train']
+    assert opt['model_type'] == 'CLIPLITModel' and opt['guidance'] == guidance and opt['rank_order'] == 'official'
+    assert train['optim_guidance']['lr'] == lr and train['optim_g']['lr'] == 2e-5
+    assert train['optim_g']['weight_decay'] == train['optim_guidance']['weight_decay'] == 1e-3
+    stages = {k: (train[k]['iters'], train[k]['extend_by'], train[k]['extend_threshold'])
+              for k in ('prompt_init', 'network', 'prompt')}
+    assert stages == {'prompt_init': (8000, 100, 60.0), 'network': (2100, 60, 90.0), 'prompt': (1000, 100, 60.0)}
+    assert train['warmup']['iters'] == 1000 and train['warmup']['reinit_psnr'] == 8.0
+    assert (train['guidance_opt']['loss_weight'], train['ranking_opt']['loss_weight'],
+            train['identity_opt']['loss_weight']) == (320.0, 200.0, 22.5)
+    assert opt['prompt_data']['dataroot_welllit'].endswith(welllit) and opt['prompt_data']['batch_size'] == 16
+    assert opt['results']['size'] == 256 and opt['datasets']['train']['batch_size_per_gpu'] == 8
+
+
+@pytest.mark.parametrize('name', ['train_clip_lit_demo.yml', 'train_clip_lit_latent_demo.yml'])
+def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
+    text = (OPTIONS / 'demo' / name).read_text().replace('demo/data', data['outdir'])
+    opt = load_yaml_text(text, name)
+    train = opt['train']
+    lengths = [train['prompt_init']['iters'], train['warmup']['iters']] + \
+        [train['network']['iters'] + train['prompt']['iters']] * train['num_rounds']
+    assert sum(lengths) == train['total_iter']  # the schedule ends exactly at total_iter
+    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
+    model = build(json.loads(json.dumps(opt)), tmp_path)
+    assert model.guidance_type == opt['guidance'] and model.schedule.name == 'prompt_init'
+
+
+def test_test_mode_scores_with_a_saved_pair(data, tmp_path):
+    options = clip_lit_options('testmode', data, stages=(2, 1, 1, 1))
+    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
+    model = build(options, tmp_path)
+    run(model, options, 2)
+    model.save(0, 2)
+    models = tmp_path / 'experiments' / 'testmode' / 'models'
+    test_opt = copy.deepcopy(options)
+    test_opt['path'].update(pretrain_network_g=str(models / 'net_g_2.pth'),
+                            pretrain_network_guidance=str(models / 'guidance_2.pth'))
+    del test_opt['train']
+    tester = build_model(model_options(test_opt, tmp_path / 'test', is_train=False))
+    loader = torch.utils.data.DataLoader(build_dataset(dict(options['datasets']['val'], phase='val')))
+    tester.nondist_validation(loader, 0, None, False)
+    model.nondist_validation(loader, 2, None, False)
+    assert tester.validation_results['guidance'] == pytest.approx(model.validation_results['guidance'], abs=1e-6)
+    del test_opt['path']['pretrain_network_guidance']
+    blind = build_model(model_options(test_opt, tmp_path / 'blind', is_train=False))
+    blind.nondist_validation(loader, 0, None, False)
+    assert 'guidance' not in blind.validation_results  # skipped with a message: no pair to score with
