@@ -153,7 +153,7 @@ def test_two_process_cpu_torchrun(data, tmp_path):
     assert 'world_size: 2' in read_log(tmp_path / 'experiments' / 'ddp')
 
 
-def test_training_checkpoint_enhances_a_photo_with_rave_enhance(data, tmp_path):
+def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, tmp_path):
     opt = write_options(tmp_path / 'ck.yml', rave_options('ck', data, total_iter=2, warmup_iters=2, crop=32))
     assert run_basicsr(['train', '-opt', str(opt)], cwd=tmp_path).returncode == 0
     checkpoint = tmp_path / 'experiments/ck/models/net_g_latest.pth'
@@ -164,6 +164,23 @@ def test_training_checkpoint_enhances_a_photo_with_rave_enhance(data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = sorted((tmp_path / 'out').iterdir())
     assert len(outputs) == 2 and all(p.stat().st_size > 0 for p in outputs)
+
+    # the same checkpoint evaluated by `basicsr test` with the shipped options/test_rave.yml
+    val = Path(data['outdir'])
+    overrides = ['num_gpu=0', 'guidance_encoder={type: arch, network: {type: ImageStatsEncoder}}',
+                 f'residual:path={tmp_path}/experiments/ck/residual.safetensors',
+                 f'path:pretrain_network_g={checkpoint}',
+                 f'datasets:test_1:dataroot_lq={val}/val_backlit', f'datasets:test_1:dataroot_gt={val}/val_gt',
+                 'datasets:test_1:metrics=[psnr, ssim, rave_psnr, rave_ssim, guidance]',
+                 f'datasets:test_2:dataroot_lq={val}/val_backlit', 'datasets:test_2:metrics=[guidance]']
+    result = run_basicsr(['test', '-opt', str(REPO / 'options/test_rave.yml'), '--force_yml'] + overrides,
+                         cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = tmp_path / 'results' / 'RAVE_unpaired_test'
+    logs = ''.join(path.read_text() for path in results.glob('test_*.log'))
+    for metric in ('psnr', 'ssim', 'rave_psnr', 'rave_ssim', 'guidance'):
+        assert re.search(rf'# {metric}: -?\d+\.\d+', logs), metric
+    assert len(list((results / 'visualization' / 'BAID_test').glob('*.png'))) == 2
 
 
 def test_offline_demo_raises_psnr_against_ground_truth(tmp_path):

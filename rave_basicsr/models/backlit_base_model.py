@@ -127,6 +127,7 @@ class BacklitBaseModel(BaseModel):
         self.encoders: Dict[str, torch.nn.Module] = {}
         self.schedule: Optional[StageSchedule] = None
         self.scaler = None
+        self.autocast_dtype = None  # set by setup_precision when training; test() runs in full precision otherwise
         self.log_dict = OrderedDict()
         self._messages_shown = set()
         if self.is_train:

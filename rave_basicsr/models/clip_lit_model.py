@@ -115,7 +115,6 @@ class CLIPLITModel(BacklitBaseModel):
             raise RaveError(f'option guidance must be one of {list(GUIDANCE_TYPES)} (prompt: CLIP-LIT, latent: '
                             f'CLIP-LIT-Latent), got {self.guidance_type!r}.')
         self.pair_param: Optional[torch.nn.Parameter] = None
-        self.autocast_dtype = None  # the base sets it only when training; test() needs it in `basicsr test` too
         super().__init__(opt)
 
     # ------------------------------------------------------------------ the learnable pair
