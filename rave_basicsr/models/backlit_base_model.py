@@ -59,6 +59,7 @@ from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.image_io import encode_image, write_image_atomic
+from rave_basicsr.utils.pipeline import save_network as atomic_save_network
 
 #: metrics computed by the model itself from the output tensor (not from uint8 images)
 MODEL_METRICS = ('calculate_guidance_score',)
@@ -544,19 +545,8 @@ class BacklitBaseModel(BaseModel):
             self.save_network(self.net_g, 'net_g', current_iter)
         self.save_training_state(epoch, current_iter)
 
-    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
-        """BasicSR's checkpoint layout (``{param_key: state_dict}``), written atomically by rank 0."""
-        if self.opt['rank'] != 0:
-            return
-        nets = net if isinstance(net, list) else [net]
-        keys = param_key if isinstance(param_key, list) else [param_key]
-        save_dict = {}
-        for net_, key in zip(nets, keys):
-            state = self.get_bare_model(net_).state_dict()
-            save_dict[key] = {(k[7:] if k.startswith('module.') else k): v.detach().cpu().contiguous()
-                              for k, v in state.items()}
-        label = 'latest' if current_iter == -1 else current_iter
-        torch_save_atomic(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+    #: BasicSR's checkpoint layout (``{param_key: state_dict}``), written atomically by rank 0
+    save_network = atomic_save_network
 
     def extra_training_state(self) -> dict:
         """Everything beyond optimisers/schedulers that exact resuming needs (gathered on every rank)."""

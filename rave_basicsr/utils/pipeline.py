@@ -230,7 +230,7 @@ def save_network(self, net, net_label: str, current_iter: int, param_key='params
     save_dict = {}
     for net_, key in zip(nets, param_keys):
         state_dict = self.get_bare_model(net_).state_dict()
-        save_dict[key] = {(name[7:] if name.startswith('module.') else name): value.cpu()
+        save_dict[key] = {(name[7:] if name.startswith('module.') else name): value.cpu().contiguous()
                           for name, value in state_dict.items()}
     label = 'latest' if current_iter == -1 else current_iter
     torch_save_atomic(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
