@@ -77,6 +77,29 @@ def test_end_to_end(residual_file, tmp_path, capsys):
     assert 0 < float(final.residual.double() @ new.residual.double()) < 1
 
 
+def test_encoder_defaults_to_the_one_recorded_in_the_file(residual_file, sets, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(['residual', 'interpret', str(residual_file), '--top', '3', '--vocab-limit', '3000', '--json']) == 0
+    implicit = json.loads(capsys.readouterr().out)
+    assert main(['residual', 'interpret', str(residual_file), '--encoder', TINY, '--top', '3', '--vocab-limit',
+                 '3000', '--json']) == 0
+    assert json.loads(capsys.readouterr().out) == implicit
+    # an image-only encoder is rebuilt too (and refused for interpretation, which needs a text tower)
+    well, back = sets
+    stats = tmp_path / 'stats.safetensors'
+    assert main(['residual', 'compute', '--well-lit', str(well), '--backlit', str(back), '--encoder',
+                 'arch:ImageStatsEncoder', '-o', str(stats), '--workers', '0']) == 0
+    assert main(['residual', 'interpret', str(stats)]) == 2
+    assert 'text' in capsys.readouterr().err
+    # an encoder loaded from a local weights file is known by its hash only: --encoder is required
+    vector = ResidualVector.load(residual_file)
+    vector.encoder_identity = dict(vector.encoder_identity, weights_sha256='0' * 64)
+    local = tmp_path / 'local.safetensors'
+    vector.save(str(local))
+    assert main(['residual', 'interpret', str(local)]) == 2
+    assert 'pass the same encoder with --encoder' in capsys.readouterr().err
+
+
 def test_console_script(sets, tmp_path, python_executable):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get('PYTHONPATH')])))
     well, back = sets

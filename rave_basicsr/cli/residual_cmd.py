@@ -5,7 +5,7 @@ import os
 
 from rave_basicsr.residual.compute import compute_residual
 from rave_basicsr.residual.debias import check_debias_options, debias_residual
-from rave_basicsr.residual.encoder_spec import build_encoder_from_spec
+from rave_basicsr.residual.encoder_spec import build_encoder_for_residual, build_encoder_from_spec
 from rave_basicsr.residual.interpret import format_tables, interpret_residual
 from rave_basicsr.residual.plot import save_plot
 from rave_basicsr.residual.vector import ResidualVector
@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     interpret = sub.add_parser('interpret', help='rank a vocabulary by cosine with a residual')
     interpret.add_argument('file', help='residual file')
-    interpret.add_argument('--encoder', required=True, help=ENCODER_HELP + '; must be the one that made FILE')
+    interpret.add_argument('--encoder', help=ENCODER_HELP + '; must be the one that made FILE (default: the '
+                           'encoder recorded in FILE, unless it was loaded from a local weights file)')
     _vocab_arguments(interpret)
     interpret.add_argument('--top', type=int, default=20, help='rows in each table (default 20)')
     interpret.add_argument('--plot', help='write a bar chart (and projection, if embeddings are stored) to a .png')
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     debias = sub.add_parser('debias', help='remove token or concept directions from a residual')
     debias.add_argument('file', help='residual file')
-    debias.add_argument('--encoder', required=True, help=ENCODER_HELP + '; must be the one that made FILE')
+    debias.add_argument('--encoder', help=ENCODER_HELP + '; must be the one that made FILE (default: the encoder '
+                        'recorded in FILE, unless it was loaded from a local weights file)')
     debias.add_argument('--remove-top', type=int, metavar='K',
                         help='remove the direction of the K most aligned vocabulary entries (originals: 15)')
     debias.add_argument('--remove-bottom', type=int, metavar='K',
@@ -81,7 +83,7 @@ def run_interpret(args: argparse.Namespace) -> int:
     if args.plot:
         _refuse_existing(args.plot, args.overwrite)
     vector = ResidualVector.load(args.file)
-    encoder = build_encoder_from_spec(args.encoder)
+    encoder = build_encoder_for_residual(args.encoder, vector.encoder_identity)
     summary = interpret_residual(vector, encoder, vocab=args.vocab, top=args.top, limit=args.vocab_limit)
     if args.plot:
         save_plot(args.plot, summary, vector, overwrite=args.overwrite)
@@ -95,7 +97,7 @@ def run_debias(args: argparse.Namespace) -> int:
     check_debias_options(args.remove_top, args.remove_bottom, args.remove_concept)
     _refuse_existing(args.output, args.overwrite)
     vector = ResidualVector.load(args.file)
-    encoder = build_encoder_from_spec(args.encoder)
+    encoder = build_encoder_for_residual(args.encoder, vector.encoder_identity)
     new = debias_residual(vector, encoder, remove_top=args.remove_top, remove_bottom=args.remove_bottom,
                           concepts=args.remove_concept, vocab=args.vocab, limit=args.vocab_limit)
     new.save(args.output, overwrite=args.overwrite)

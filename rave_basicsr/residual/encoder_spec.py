@@ -12,7 +12,7 @@ docs/architecture.md), or a compact form:
 =====================================  ==============================================================================
 """
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from rave_basicsr.guidance.encoders import FrozenImageEncoder, build_image_encoder
 from rave_basicsr.utils.errors import RaveError
@@ -63,3 +63,34 @@ def parse_encoder_spec(spec: str) -> Dict[str, Any]:
 def build_encoder_from_spec(spec: str) -> FrozenImageEncoder:
     """A frozen guidance encoder for a SPEC; unknown models fail with close matches."""
     return build_image_encoder(parse_encoder_spec(spec), role='guidance', where=f'--encoder {spec}')
+
+
+def encoder_options_from_identity(identity: Dict[str, Any]) -> Dict[str, Any]:
+    """The option block that rebuilds the encoder a residual file names, when the identity alone suffices.
+
+    Works for open_clip tags and seeded random inits, timm random inits and ``arch`` encoders; encoders loaded
+    from a local weights file are identified by its hash only, so their file must be given with ``--encoder``.
+    """
+    kind = identity.get('type')
+    if 'weights_sha256' in identity or kind not in KINDS:
+        raise RaveError('this residual file was made with an encoder loaded from a local weights file (or of an '
+                        'unknown kind); pass the same encoder with --encoder (an option file or KIND:NAME:FILE).')
+    if kind == 'arch':
+        return {'type': 'arch', 'network': dict(identity['network'])}
+    block: Dict[str, Any] = {'type': kind, 'model': identity['model'], 'pretrained': identity.get('pretrained')}
+    if block['pretrained'] is None:
+        block['seed'] = identity.get('init_seed', 0)
+    if kind == 'open_clip':
+        block['quick_gelu'] = identity.get('quick_gelu')
+    else:
+        block.update(embedding=identity.get('embedding', 'pooled'), model_kwargs=identity.get('model_kwargs') or {})
+        block['model_kwargs'].pop('num_classes', None)
+    return block
+
+
+def build_encoder_for_residual(spec: Optional[str], identity: Dict[str, Any]) -> FrozenImageEncoder:
+    """The encoder given by ``--encoder SPEC``, or, without one, the encoder the residual file names."""
+    if spec:
+        return build_encoder_from_spec(spec)
+    return build_image_encoder(encoder_options_from_identity(identity), role='guidance',
+                               where='the encoder recorded in the residual file')
