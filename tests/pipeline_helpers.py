@@ -1,5 +1,8 @@
 """Small generated datasets and option files for end-to-end tests of the BasicSR pipelines."""
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import cv2
@@ -57,3 +60,41 @@ def subprocess_env() -> dict:
     repo = str(Path(__file__).resolve().parents[1])
     env['PYTHONPATH'] = repo + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
     return env
+
+
+TORCHRUN_DRIVER = textwrap.dedent('''
+    """Run `basicsr train` under torchrun and dump this rank's final network (and residual, if any)."""
+    import os, sys
+    import torch
+    import rave_basicsr  # noqa: F401
+    import basicsr.train
+    from rave_basicsr.cli import basicsr_cli
+
+    models = []
+    original_build_model = basicsr.train.build_model
+
+    def capturing_build_model(opt):
+        models.append(original_build_model(opt))
+        return models[-1]
+
+    basicsr.train.build_model = capturing_build_model
+    code = basicsr_cli.main(sys.argv[1:])
+    model = models[0]
+    dump = {'net': model.get_bare_model(model.net_g).state_dict()}
+    if getattr(model, 'residual', None) is not None:
+        dump.update(residual=model.residual.cpu(), threshold=model.threshold)
+    torch.save(dump, f'rank{os.environ["RANK"]}.pt')
+    sys.exit(code)
+''')
+
+
+def run_two_process_torchrun(option_file: Path, cwd: Path, port: int, env: dict, timeout: int = 400) -> tuple:
+    """`basicsr train --launcher pytorch` in 2 CPU processes; returns the two ranks' dumps (see TORCHRUN_DRIVER)."""
+    import torch
+
+    (cwd / 'driver.py').write_text(TORCHRUN_DRIVER)
+    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+               'driver.py', 'train', '-opt', str(option_file), '--launcher', 'pytorch']
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return torch.load(cwd / 'rank0.pt'), torch.load(cwd / 'rank1.pt')

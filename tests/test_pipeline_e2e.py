@@ -2,13 +2,13 @@
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pipeline_helpers import sr_training_options, subprocess_env, write_options, write_paired_pngs
+from tests.pipeline_helpers import (run_two_process_torchrun, sr_training_options, subprocess_env, write_options,
+                                    write_paired_pngs)
 
 pytestmark = pytest.mark.slow
 
@@ -80,41 +80,12 @@ def test_basicsr_test_writes_results_and_metrics(workdir):
     assert re.search(r'# psnr: \d+\.\d+', logs)
 
 
-DRIVER = textwrap.dedent('''
-    """Run `basicsr train` under torchrun and dump this rank's final weights for comparison."""
-    import os, sys
-    import torch
-    import rave_basicsr  # noqa: F401
-    import basicsr.train
-    from rave_basicsr.cli import basicsr_cli
-
-    models = []
-    original_build_model = basicsr.train.build_model
-
-    def capturing_build_model(opt):
-        models.append(original_build_model(opt))
-        return models[-1]
-
-    basicsr.train.build_model = capturing_build_model
-    code = basicsr_cli.main(sys.argv[1:])
-    net = models[0].get_bare_model(models[0].net_g)
-    torch.save(net.state_dict(), f'weights_rank{os.environ["RANK"]}.pt')
-    sys.exit(code)
-''')
-
-
 def test_two_process_cpu_torchrun_ends_with_identical_weights(workdir):
     root, lq, gt = workdir
     options = sr_training_options('ddp', lq, gt, total_iter=4, save_freq=4)
     options['datasets']['train']['use_hflip'] = True  # ranks draw different samples and flips
     opt = write_options(root / 'ddp.yml', options)
-    (root / 'driver.py').write_text(DRIVER)
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29531',
-               'driver.py', 'train', '-opt', str(opt), '--launcher', 'pytorch']
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    rank0 = torch.load(root / 'weights_rank0.pt')
-    rank1 = torch.load(root / 'weights_rank1.pt')
+    rank0, rank1 = (dump['net'] for dump in run_two_process_torchrun(opt, root, 29531, subprocess_env(), 300))
     initial = torch.load(root / 'experiments/ddp/models/net_g_4.pth')['params']
     assert rank0.keys() == rank1.keys()
     for key in rank0:

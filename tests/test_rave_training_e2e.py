@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline_helpers import subprocess_env, write_options
+from tests.pipeline_helpers import run_two_process_torchrun, subprocess_env, write_options
 from tests.rave_helpers import demo_data, rave_options
 
 pytestmark = pytest.mark.slow
@@ -112,38 +112,11 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_pa
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-TORCHRUN_DRIVER = textwrap.dedent('''
-    """basicsr train under torchrun; dumps this rank's final weights and residual for comparison."""
-    import os, sys
-    import torch
-    import rave_basicsr  # noqa: F401
-    import basicsr.train
-    from rave_basicsr.cli import basicsr_cli
-
-    models = []
-    original_build_model = basicsr.train.build_model
-    def capturing_build_model(opt):
-        models.append(original_build_model(opt))
-        return models[-1]
-    basicsr.train.build_model = capturing_build_model
-    code = basicsr_cli.main(sys.argv[1:])
-    model = models[0]
-    torch.save({'net': model.get_bare_model(model.net_g).state_dict(), 'residual': model.residual.cpu(),
-                'threshold': model.threshold}, f'rank{os.environ["RANK"]}.pt')
-    sys.exit(code)
-''')
-
-
 def test_two_process_cpu_torchrun(data, tmp_path):
     options = rave_options('ddp', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32, batch=1)
     options['datasets']['train']['augment'] = 'official'
     opt = write_options(tmp_path / 'ddp.yml', options)
-    (tmp_path / 'driver.py').write_text(TORCHRUN_DRIVER)
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29537',
-               'driver.py', 'train', '-opt', str(opt), '--launcher', 'pytorch']
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=400)
-    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    rank0, rank1 = torch.load(tmp_path / 'rank0.pt'), torch.load(tmp_path / 'rank1.pt')
+    rank0, rank1 = run_two_process_torchrun(opt, tmp_path, 29537, env())
     torch.testing.assert_close(rank0['residual'], rank1['residual'], rtol=0, atol=0)
     assert rank0['threshold'] == rank1['threshold']
     saved = torch.load(tmp_path / 'experiments/ddp/models/net_g_4.pth', weights_only=True)['params']
