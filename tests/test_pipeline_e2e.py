@@ -86,9 +86,9 @@ def test_two_process_cpu_torchrun_ends_with_identical_weights(workdir):
     options['datasets']['train']['use_hflip'] = True  # ranks draw different samples and flips
     opt = write_options(root / 'ddp.yml', options)
     rank0, rank1 = (dump['net'] for dump in run_two_process_torchrun(opt, root, 29531, subprocess_env(), 300))
-    initial = torch.load(root / 'experiments/ddp/models/net_g_4.pth')['params']
+    saved = torch.load(root / 'experiments/ddp/models/net_g_4.pth')['params']
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)
-        torch.testing.assert_close(rank0[key], initial[key], rtol=0, atol=0)
+        torch.testing.assert_close(rank0[key], saved[key], rtol=0, atol=0)
     assert 'world_size: 2' in read_log(root / 'experiments' / 'ddp')
