@@ -35,7 +35,6 @@ How a subclass declares its method:
   ``guidance_direction()`` (a [D] vector for the guidance score, or None); ``on_stage_start(stage)`` (optional).
 """
 import inspect
-import logging
 import math
 import random
 from collections import OrderedDict, deque
