@@ -7,9 +7,9 @@ import torch
 
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
 from rave_basicsr.inference import weights as weights_module
-from rave_basicsr.inference.weights import (OFFICIAL_WEIGHTS, load_enhancement_network, load_enhancement_state_dict,
-                                            sha256_of)
+from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS, load_enhancement_network, load_enhancement_state_dict
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.file_io import file_sha256
 from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
 
@@ -103,7 +103,7 @@ def test_all_official_checkpoints_load_and_match_their_digests(shared_data):
     folder = shared_data / 'official_checkpoints'
     for name, weights in OFFICIAL_WEIGHTS.items():
         path = folder / weights.filename
-        assert sha256_of(path) == weights.sha256, name
+        assert file_sha256(path) == weights.sha256, name
         network = load_enhancement_network(path)
         assert sum(p.numel() for p in network.parameters()) == 278790
         with torch.no_grad():

@@ -13,7 +13,6 @@ The encoder keeps its network *outside* ``nn.Module``'s registries: an owner tha
 still moves it. Weights that cannot be had offline fail at once with a message naming the file to fetch.
 """
 import difflib
-import hashlib
 import json
 import os
 import socket
@@ -28,7 +27,7 @@ from torch import nn
 
 from rave_basicsr.guidance.preprocess import PreprocessConfig, parse_preprocess, preprocess_images
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_load_safe
+from rave_basicsr.utils.file_io import file_sha256 as sha256_of_file, torch_load_safe
 
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
@@ -204,11 +203,7 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     stat = os.stat(path)
     key = (path, stat.st_size, stat.st_mtime_ns)
     if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, 'rb') as stream:
-            for chunk in iter(lambda: stream.read(1 << 20), b''):
-                digest.update(chunk)
-        _SHA256_CACHE[key] = digest.hexdigest()
+        _SHA256_CACHE[key] = sha256_of_file(path)
     return _SHA256_CACHE[key]
 
 

@@ -4,7 +4,6 @@ The eight released networks are known by name and downloaded on first use from t
 cache folder (``$RAVE_CACHE_DIR``, else ``~/.cache/rave_basicsr``), verified by SHA-256 so that a corrupted or
 substituted file is never used. Everything is read with ``weights_only=True`` (:func:`torch_load_safe`).
 """
-import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -16,7 +15,7 @@ from typing import Dict, Optional, Union
 import torch
 
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_load_safe
+from rave_basicsr.utils.file_io import file_sha256, rave_cache_dir, torch_load_safe
 
 _RAVE_URL = 'https://github.com/Atmyre/RAVE/raw/main/pretrained_models/{}'
 _CLIP_LIT_URL = 'https://github.com/ZhexinLiang/CLIP-LIT/raw/main/pretrained_models/enhancement_model.pth'
@@ -66,15 +65,7 @@ OFFICIAL_WEIGHTS: Dict[str, OfficialWeights] = OrderedDict((w.name, w) for w in 
 
 def cache_dir() -> Path:
     """Where downloaded weights are kept: ``$RAVE_CACHE_DIR``, else ``~/.cache/rave_basicsr``."""
-    return Path(os.environ.get('RAVE_CACHE_DIR') or Path.home() / '.cache' / 'rave_basicsr')
-
-
-def sha256_of(path: Union[str, os.PathLike]) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return rave_cache_dir()
 
 
 def _download(weights: OfficialWeights, target: Path, timeout: float) -> None:
@@ -93,7 +84,7 @@ def _download(weights: OfficialWeights, target: Path, timeout: float) -> None:
         reason = getattr(exc, 'reason', None) or exc
         raise RaveError(f'cannot download the {weights.name!r} weights ({reason}); this machine may be offline. '
                         + hint) from None
-    digest = sha256_of(temporary)
+    digest = file_sha256(temporary)
     if digest != weights.sha256:
         temporary.unlink()
         raise RaveError(f'the download of {weights.name!r} from {weights.url} has SHA-256 {digest}, expected '
@@ -108,7 +99,7 @@ def resolve_weights(name: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
                         'a .pth file.')
     weights = OFFICIAL_WEIGHTS[name]
     target = cache_dir() / weights.filename
-    if target.is_file() and sha256_of(target) == weights.sha256:
+    if target.is_file() and file_sha256(target) == weights.sha256:
         return target
     _download(weights, target, timeout)
     return target

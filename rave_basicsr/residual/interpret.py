@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from rave_basicsr.residual.vector import ResidualVector, canonical_identity
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.file_io import rave_cache_dir
 
 logger = logging.getLogger('rave_basicsr')
 
@@ -54,8 +55,7 @@ def require_text_tower(encoder: Any, purpose: str) -> None:
 
 def cache_dir() -> Path:
     """Where vocabulary embeddings are cached: ``$RAVE_CACHE_DIR/vocab``, else ``~/.cache/rave_basicsr/vocab``."""
-    root = os.environ.get('RAVE_CACHE_DIR')
-    return (Path(root).expanduser() if root else Path.home() / '.cache' / 'rave_basicsr') / 'vocab'
+    return rave_cache_dir() / 'vocab'
 
 
 def _can_truncate(network: nn.Module) -> bool:

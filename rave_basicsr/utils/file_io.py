@@ -5,8 +5,10 @@ fsync, rename), so an interrupted save never leaves a truncated file under the f
 reads goes through :func:`torch_load_safe`, which uses ``weights_only=True`` and turns the refusal of a pickled
 object into a message that says what to do.
 """
+import hashlib
 import os
 import tempfile
+from pathlib import Path
 from typing import Any, Union
 
 import torch
@@ -46,3 +48,18 @@ def torch_load_safe(path: Union[str, os.PathLike], map_location: Any = 'cpu') ->
                             'tensors: torch.save(state_dict, "clean.pth") from a trusted session.') from None
         raise RaveError(f'checkpoint {path!r} cannot be read ({type(exc).__name__}): it is corrupt, truncated or '
                         'not a PyTorch checkpoint.') from None
+
+
+def rave_cache_dir() -> Path:
+    """The plugin's download and embedding cache: ``$RAVE_CACHE_DIR``, else ``~/.cache/rave_basicsr``."""
+    root = os.environ.get('RAVE_CACHE_DIR')
+    return Path(root).expanduser() if root else Path.home() / '.cache' / 'rave_basicsr'
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
