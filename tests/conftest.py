@@ -30,3 +30,12 @@ def shared_data() -> Path:
 def python_executable() -> str:
     """The interpreter running the tests, for subprocess-based end-to-end tests."""
     return sys.executable
+
+
+@pytest.fixture(scope='module')
+def vocab_cache(tmp_path_factory) -> Path:
+    """A private $RAVE_CACHE_DIR per test module (never ~/.cache); modules opt in with usefixtures."""
+    folder = tmp_path_factory.mktemp('cache')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv('RAVE_CACHE_DIR', str(folder))
+        yield folder

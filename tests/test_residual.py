@@ -12,6 +12,8 @@ from rave_basicsr.residual.vector import ResidualVector
 from rave_basicsr.utils.errors import RaveError
 from tests.residual_helpers import STATS, TINY_VIT, TINY_VIT_OTHER_SEED, make_sets
 
+pytestmark = pytest.mark.usefixtures('vocab_cache')  # the vocabulary cache never goes to ~/.cache
+
 
 def _unit(values):
     v = np.asarray(values, dtype=np.float64)
@@ -244,15 +246,6 @@ def test_image_only_encoder_native_sizes(image_sets):
 
 
 # ------------------------------------------------------------------------------------------------ interpretation
-@pytest.fixture(scope='module', autouse=True)
-def vocab_cache(tmp_path_factory):
-    """A private vocabulary cache for this module's tests (never ~/.cache; the full vocabulary is computed once)."""
-    folder = tmp_path_factory.mktemp('cache')
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('RAVE_CACHE_DIR', str(folder))
-        yield folder
-
-
 def _vector_along(direction, encoder, seed=0):
     """A consistent ResidualVector whose residual is ``direction`` (for ranking tests)."""
     residual = (direction / direction.norm()).float()

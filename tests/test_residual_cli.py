@@ -16,13 +16,7 @@ from tests.residual_helpers import make_sets
 TINY = 'open_clip:rave-test-tiny-vit'
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.fixture(scope='module', autouse=True)
-def vocab_cache(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('cache')
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv('RAVE_CACHE_DIR', str(folder))
-        yield folder
+pytestmark = pytest.mark.usefixtures('vocab_cache')  # the vocabulary cache never goes to ~/.cache
 
 
 @pytest.fixture(scope='module')
