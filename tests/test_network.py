@@ -4,8 +4,9 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
+from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, PaddedConv2d, divide_by_illumination
 from rave_basicsr.inference import weights as weights_module
 from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS, load_enhancement_network, load_enhancement_state_dict
 from rave_basicsr.utils.errors import RaveError
@@ -82,6 +83,26 @@ def test_one_pixel_image_with_reflect_padding():
         for shape in ((1, 3, 1, 1), (1, 3, 1, 9), (1, 3, 7, 1)):
             out = network(torch.rand(shape))
             assert out.shape == shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 7, 9), (1, 4, 2, 2), (1, 4, 3, 2), (1, 4, 2, 6), (1, 3, 1, 4)])
+def test_reflect_convolution_equals_the_padded_reference_with_gradients(shape):
+    """The border-recomputing reflect convolution equals ``conv2d(pad(x, reflect))`` (replicate below 2 px), and so
+    do the gradients of the input, weight and bias."""
+    torch.manual_seed(0)
+    conv = PaddedConv2d(shape[1], 6, 3, 1, 1, bias=True, padding_mode='reflect').double()
+    ours_input = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    reference_input = ours_input.detach().clone().requires_grad_(True)
+    ours = conv(ours_input)
+    mode = 'reflect' if min(shape[-2:]) >= 2 else 'replicate'
+    weight, bias = conv.weight.detach().clone().requires_grad_(True), conv.bias.detach().clone().requires_grad_(True)
+    reference = F.conv2d(F.pad(reference_input, (1, 1, 1, 1), mode=mode), weight, bias)
+    assert (ours - reference).abs().max() < 1e-12
+    upstream = torch.randn_like(ours)
+    (ours * upstream).sum().backward()
+    (reference * upstream).sum().backward()
+    assert (ours_input.grad - reference_input.grad).abs().max() < 1e-12
+    assert (conv.weight.grad - weight.grad).abs().max() < 1e-12 and (conv.bias.grad - bias.grad).abs().max() < 1e-12
 
 
 def test_parity_with_official_reference_outputs(shared_data):
