@@ -9,8 +9,8 @@ from PIL import Image
 
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
 from rave_basicsr.cli.rave_cli import main as rave_main
-from rave_basicsr.inference.enhance import (autocast_dtype, enhance_files, enhance_image, resolve_tile,
-                                            select_device)
+from rave_basicsr.inference.enhance import enhance_files, enhance_image, resolve_tile, select_device
+from rave_basicsr.inference.precision import MIXED_BF16_LAYERS, autocast_dtype, mixed_precision_copy
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
@@ -210,6 +210,27 @@ def test_precision_and_device_choices(weights_file):
     network = load_enhancement_network(weights_file)
     rgb = _rgb().astype(np.float32) / 255
     assert np.abs(enhance_image(network, rgb, precision='bf16') - enhance_image(network, rgb)).mean() < 0.01
+
+
+def test_mixed_precision_is_within_one_grey_level_of_fp32_on_real_photos(shared_data):
+    """``mixed`` (bf16 in the middle of the network) on the six real photos, whole and tiled: every pixel within one
+    grey level of fp32 (float difference < 1/255, so the 8-bit outputs differ by at most one level); pure bf16 is
+    not, which is why the ends stay in float32."""
+    from rave_basicsr.inference.weights import load_enhancement_network
+    network = load_enhancement_network(shared_data / 'official_checkpoints' / 'rave_unpaired.pth',
+                                       outer_padding='reflect', division_eps=0.0)
+    mixed = mixed_precision_copy(network)
+    assert {name for name, p in mixed.named_parameters() if p.dtype == torch.bfloat16} == {
+        name for name, _ in network.named_parameters() if name.split('.')[0] in MIXED_BF16_LAYERS}
+    worst = {'mixed': 0.0, 'mixed tiled': 0.0, 'bf16': 0.0}
+    for path in sorted((shared_data / 'backlit_samples').glob('*.png')):
+        rgb = read_image(str(path)).rgb
+        reference = enhance_image(network, rgb, tile=0)
+        for name, tile, precision in (('mixed', 0, 'mixed'), ('mixed tiled', 150, 'mixed'), ('bf16', 0, 'bf16')):
+            output = enhance_image(network, rgb, tile=tile, precision=precision)
+            worst[name] = max(worst[name], float(np.abs(output - reference).max()) * 255)
+    assert worst['mixed'] < 1 and worst['mixed tiled'] < 1, worst
+    assert worst['bf16'] > 1, worst
 
 
 def test_resolve_tile():

@@ -7,11 +7,9 @@ format and bit depth, alpha carried through, EXIF orientation applied, existing 
 ``overwrite``, atomic writes, and one unreadable file does not stop the others (it is reported in the summary).
 """
 import contextlib
-import copy
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
+from rave_basicsr.inference.precision import autocast_dtype, prepare_network
 from rave_basicsr.inference.tiling import HALO_FULL, tiled_forward
 from rave_basicsr.inference.weights import load_enhancement_network
 from rave_basicsr.utils.errors import RaveError
@@ -29,7 +28,6 @@ from rave_basicsr.utils.image_io import encode_image, is_image_file, read_image,
 OUTPUT_FORMATS = {'png': '.png', 'jpg': '.jpg', 'tiff': '.tiff', 'webp': '.webp', 'bmp': '.bmp'}
 #: input extensions written back unchanged by format 'same' (others become PNG)
 _WRITABLE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
-PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 #: images with more pixels than this are tiled when no tile size is given (bounds peak memory to about 1.5 GB)
 AUTO_TILE_PIXELS = 1024 * 1024
 AUTO_TILE = 1024 - 2 * HALO_FULL
@@ -48,20 +46,6 @@ def select_device(name: str = 'auto') -> torch.device:
     raise RaveError(f'--device {name!r}: use auto, cpu, cuda or cuda:N.')
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``precision`` on ``device`` (None: plain float32).
-
-    fp16 autocast is a GPU feature; on the CPU it falls back to float32 with a warning (use bf16 there).
-    """
-    if precision not in PRECISIONS:
-        raise RaveError(f'--precision {precision!r}: use one of {", ".join(PRECISIONS)}.')
-    if precision == 'fp16' and device.type == 'cpu':
-        warnings.warn('--precision fp16 is not supported on the CPU; computing in fp32 (bf16 is the fast reduced '
-                      'precision on CPUs).', stacklevel=2)
-        return None
-    return PRECISIONS[precision]
-
-
 def resolve_tile(tile: Optional[int], height: int, width: int) -> int:
     """Tile size for an image: ``None`` picks :data:`AUTO_TILE` for images above :data:`AUTO_TILE_PIXELS`; 0 (or
     a tile covering the image) means one whole-image pass."""
@@ -70,21 +54,6 @@ def resolve_tile(tile: Optional[int], height: int, width: int) -> int:
     if tile < 0:
         raise RaveError(f'--tile {tile}: must be 0 (no tiling) or a positive number of pixels.')
     return 0 if tile == 0 or (tile >= height and tile >= width) else tile
-
-
-def prepare_network(network: BacklitUNet, precision: str = 'fp32') -> Tuple[BacklitUNet, Optional[torch.dtype]]:
-    """The network as it runs fastest for ``precision`` on its device, and the autocast dtype to use.
-
-    Always channels-last (converted in place; oneDNN and cuDNN convolutions avoid layout reorders then). bf16 on
-    the CPU: a bfloat16 copy of the network (measured faster than autocast, which re-casts weights and keeps some
-    ops in float32); on CUDA: autocast bf16/fp16. ``I / L`` is computed in float32 in every case.
-    """
-    device = next(network.parameters()).device
-    dtype = autocast_dtype(precision, device)
-    network = network.to(memory_format=torch.channels_last)
-    if dtype is torch.bfloat16 and device.type == 'cpu':
-        return copy.deepcopy(network).to(torch.bfloat16), None
-    return network, dtype
 
 
 @torch.inference_mode()

@@ -111,7 +111,7 @@ def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, dev
         rows = pooling_membership(height, bins, 0, height).sum(1)
         cols = pooling_membership(width, bins, 0, width).sum(1)
         area = (rows[:, None] * cols[None, :]).to(device)
-        pooled = (sums[k] / area).to(next(network.parameters()).dtype)
+        pooled = (sums[k] / area).to(ppm.features[k][1].weight.dtype)  # the branch's dtype (mixed precision)
         with _compute_context(device, autocast_dtype):
             maps.append(ppm.branch_from_pooled(k, pooled).float())
     return maps
