@@ -20,7 +20,14 @@ def _network(padding: str, seed: int = 0) -> BacklitUNet:
 
 
 def test_tile_ranges_cover_exactly():
-    assert tile_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert tile_ranges(10, 4) == [(0, 3), (3, 6), (6, 10)]  # three tiles as with 4+4+2, without the thin one
+    assert tile_ranges(8, 4) == [(0, 4), (4, 8)] and tile_ranges(3, 5) == [(0, 3)]
+    for size, tile in ((6000, 990), (4000, 990), (1, 1), (17, 3)):
+        ranges = tile_ranges(size, tile)
+        assert ranges[0][0] == 0 and ranges[-1][1] == size and len(ranges) == -(-size // tile)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        assert max(stop - start for start, stop in ranges) <= tile
+        assert max(stop - start for start, stop in ranges) - min(stop - start for start, stop in ranges) <= 1
     assert len(list(iter_tiles(10, 7, 4))) == 6
 
 

@@ -25,8 +25,11 @@ HALO_FULL = 17
 
 
 def tile_ranges(size: int, tile: int) -> List[Tuple[int, int]]:
-    """``[start, stop)`` ranges of at most ``tile`` covering ``0..size``."""
-    return [(start, min(start + tile, size)) for start in range(0, size, tile)]
+    """``[start, stop)`` ranges of at most ``tile`` covering ``0..size``: the fewest possible, of nearly equal
+    lengths (a thin last tile would cost more in halo than it holds, and its thin convolutions run slowly)."""
+    count = -(-size // tile)
+    bounds = [size * index // count for index in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def iter_tiles(height: int, width: int, tile: int) -> Iterator[Tuple[int, int, int, int]]:
@@ -75,11 +78,16 @@ def _compute_context(device: torch.device, autocast_dtype: Optional[torch.dtype]
 
 
 def _separable_product(rows: torch.Tensor, maps: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``rows @ maps @ cols.T`` for every map of an N×C×h×w tensor (rows: H'×h, cols: W'×w) → N×C×H'×W', as two
-    plain GEMMs/BMMs (broadcast ``matmul`` and ``einsum`` are up to 100× slower for these shapes)."""
+    """``rows @ maps @ cols.T`` for every map of an N×C×h×w tensor (rows: H'×h, cols: W'×w) → N×C×H'×W' in
+    channels-last memory. Works on the channels-last data as it is (one GEMM over the rows, one BMM over the
+    columns), so full-resolution activations are never transposed or copied; broadcast ``matmul`` and ``einsum``
+    are up to 100× slower for these shapes."""
     n, c, h, w = maps.shape
-    across = maps.contiguous().view(n * c * h, w).mm(cols.T).view(n * c, h, cols.shape[0])
-    return torch.bmm(rows.expand(n * c, -1, -1), across).view(n, c, rows.shape[0], cols.shape[0])
+    height, width = rows.shape[0], cols.shape[0]
+    nhwc = maps.permute(0, 2, 3, 1).contiguous()  # a view for channels-last maps
+    down = torch.stack([rows.mm(image.view(h, w * c)) for image in nhwc])  # N × H' × (w·C)
+    out = torch.bmm(cols.expand(n * height, -1, -1), down.view(n * height, w, c))  # (N·H') × W' × C
+    return out.view(n, height, width, c).permute(0, 3, 1, 2)
 
 
 def _to_compute(network: BacklitUNet, region: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -100,7 +108,7 @@ def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, dev
         rx0, rx1 = _with_halo(x0, x1, HALO_BEFORE_POOLING, width)
         with _compute_context(device, autocast_dtype):
             features = network.encode(_to_compute(network, image[:, :, ry0:ry1, rx0:rx1], device))
-        interior = features[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].float()
+        interior = features[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].float()  # stays channels-last
         for k, bins in enumerate(ppm.bins):
             rows = pooling_membership(height, bins, y0, y1, torch.float32).to(device)
             cols = pooling_membership(width, bins, x0, x1, torch.float32).to(device)
@@ -127,7 +135,7 @@ def _region_illumination(network: BacklitUNet, region: torch.Tensor, branch_maps
         rows = bilinear_weights(height, bins, ry0, ry1, dtype=torch.float32).to(small.device)
         cols = bilinear_weights(width, bins, rx0, rx1, dtype=torch.float32).to(small.device)
         parts.append(_separable_product(rows, small, cols).to(features.dtype))
-    fused_input = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)
+    fused_input = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)  # already is: all parts are
     return network.decode(fused_input)
 
 
