@@ -241,10 +241,13 @@ def test_resolve_tile():
         resolve_tile(-1, 10, 10)
 
 
-def test_parity_through_the_cli(shared_data, tmp_path):
-    """rave enhance with the official file reproduces the official outputs within one grey level."""
+@pytest.mark.parametrize('precision', ['fp32', 'mixed'])
+def test_parity_through_the_cli(shared_data, tmp_path, precision):
+    """rave enhance with the official file reproduces the official outputs within one grey level, in fp32 and in
+    mixed precision."""
     code = rave_main(['enhance', str(shared_data / 'backlit_samples' / 'backlit_2.png'), '-o', str(tmp_path),
-                      '--weights', str(shared_data / 'official_checkpoints' / 'rave_unpaired.pth'), '--quiet'])
+                      '--weights', str(shared_data / 'official_checkpoints' / 'rave_unpaired.pth'), '--quiet',
+                      '--precision', precision])
     assert code == 0
     ours = read_image(str(tmp_path / 'backlit_2.png')).rgb
     reference = read_image(str(shared_data / 'reference_outputs' / 'rave_unpaired__backlit_2.png')).rgb
