@@ -63,7 +63,7 @@ def subprocess_env() -> dict:
 
 
 TORCHRUN_DRIVER = textwrap.dedent('''
-    """Run `basicsr train` under torchrun and dump this rank's final network (and residual, if any)."""
+    """Run `basicsr train` under torchrun and dump this rank's final network (and residual or guidance pair)."""
     import os, sys
     import torch
     import rave_basicsr  # noqa: F401
@@ -83,6 +83,8 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     dump = {'net': model.get_bare_model(model.net_g).state_dict()}
     if getattr(model, 'residual', None) is not None:
         dump.update(residual=model.residual.cpu(), threshold=model.threshold)
+    if getattr(model, 'pair_param', None) is not None:
+        dump.update(pair=model.pair_param.detach().cpu())
     torch.save(dump, f'rank{os.environ["RANK"]}.pt')
     sys.exit(code)
 ''')
