@@ -41,6 +41,19 @@ def test_official_initialisation_std():
     assert abs(weight.mean().item()) < 0.001
 
 
+def test_reset_parameters_draws_a_whole_new_network():
+    torch.manual_seed(0)
+    network = BacklitUNet()
+    with torch.no_grad():
+        network.cond_add1.bias.fill_(-1.0)
+        network.PPM1.fuse[1].weight.fill_(3.0)
+        network.condx.weight.fill_(1.0)
+    network.reset_parameters()
+    assert abs(float(network.cond_add1.bias)) <= 1 / (32 * 9) ** 0.5  # PyTorch's default bias range, drawn again
+    assert float(network.PPM1.fuse[1].weight) == 0.25
+    assert abs(network.condx.weight.std().item() - 0.02) < 0.002
+
+
 def test_forward_shapes_and_illumination():
     torch.manual_seed(0)
     network = BacklitUNet().eval()

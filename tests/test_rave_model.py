@@ -87,6 +87,28 @@ def test_warmup_makes_the_network_close_to_identity(data, tmp_path):
     assert min(psnrs) >= 30.0, psnrs
 
 
+def test_warmup_guard_revives_a_dead_network(data, tmp_path):
+    """A network whose L is 0 everywhere (negative ``cond_add1`` bias, about half of all random draws) has no
+    gradient; the guard re-creates it with every parameter drawn again, as the originals re-create the network."""
+    options = rave_options('revive', data, warmup_iters=50, crop=32)
+    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
+    model = build(options, tmp_path)
+    net = model.get_bare_model(model.net_g)
+    batch = train_batch(options)
+    with torch.no_grad():
+        net.cond_add1.bias.fill_(-1.0)
+        assert (net.illumination(batch['lq']) == 0).all()
+    key = model.schedule.current.optimizer
+    optimizer = model.optimizer_by_name[key]
+    model.feed_data(batch)
+    model.optimize_parameters(1)
+    model.feed_data(batch)
+    model.optimize_parameters(2)  # the guard fires after this iteration (PSNR of a white output is below 40 dB)
+    assert model.reinit_count >= 1 and model.optimizer_by_name[key] is not optimizer
+    bound = 1 / math.sqrt(32 * 9)  # PyTorch's default bias range for cond_add1
+    assert -bound <= float(net.cond_add1.bias) <= bound
+
+
 def test_nan_loss_stops_before_touching_the_weights(data, tmp_path, monkeypatch):
     options = rave_options('nan', data, warmup_iters=0, crop=32)
     model = build(options, tmp_path)

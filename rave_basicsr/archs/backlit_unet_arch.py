@@ -149,13 +149,25 @@ class BacklitUNet(nn.Module):
         self.cond_add1 = PaddedConv2d(32, 1, 3, 1, 1, bias=True, padding_mode=outer_padding)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
         self.relu = nn.ReLU(inplace=True)
-        self.reset_parameters()
+        self._official_conv_init()
 
-    def reset_parameters(self) -> None:
-        """Official initialisation: conv weights ~ N(0, 0.02); biases and PReLU keep PyTorch's defaults."""
+    def _official_conv_init(self) -> None:
+        """Official initialisation on top of PyTorch's defaults: conv weights ~ N(0, 0.02) (drawn in the originals'
+        order, so a seed gives the originals' network); biases and PReLU keep PyTorch's defaults."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def reset_parameters(self) -> None:
+        """A new random network, as the originals' warm-up guard re-creates it: every parameter is drawn again
+        (PyTorch's defaults, then the official conv weights). Biases matter here: the conv weights are so small
+        that the sign of ``cond_add1``'s bias decides whether ``L`` is 0 everywhere (a network with no gradient,
+        about half of all draws); keeping the bias would keep such a network dead through every re-initialisation.
+        """
+        for module in self.modules():
+            if module is not self and hasattr(module, 'reset_parameters'):
+                module.reset_parameters()
+        self._official_conv_init()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The layers before the pyramid pooling (receptive radius 5 px): the PPM input, 32 channels."""
