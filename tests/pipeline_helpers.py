@@ -90,13 +90,15 @@ TORCHRUN_DRIVER = textwrap.dedent('''
 ''')
 
 
-def run_two_process_torchrun(option_file: Path, cwd: Path, port: int, env: dict, timeout: int = 400) -> tuple:
-    """`basicsr train --launcher pytorch` in 2 CPU processes; returns the two ranks' dumps (see TORCHRUN_DRIVER)."""
+def run_two_process_torchrun(option_file: Path, cwd: Path, port: int, env: dict, timeout: int = 400,
+                             extra_args: tuple = ()) -> tuple:
+    """`basicsr train --launcher pytorch` (plus ``extra_args``) in 2 CPU processes; returns the two ranks' dumps
+    (see TORCHRUN_DRIVER)."""
     import torch
 
     (cwd / 'driver.py').write_text(TORCHRUN_DRIVER)
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
-               'driver.py', 'train', '-opt', str(option_file), '--launcher', 'pytorch']
+               'driver.py', 'train', '-opt', str(option_file), '--launcher', 'pytorch', *extra_args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return torch.load(cwd / 'rank0.pt'), torch.load(cwd / 'rank1.pt')

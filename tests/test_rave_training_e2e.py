@@ -126,6 +126,27 @@ def test_two_process_cpu_torchrun(data, tmp_path):
     assert 'world_size: 2' in read_log(tmp_path / 'experiments' / 'ddp')
 
 
+def test_two_process_cpu_torchrun_interrupted_and_resumed_ends_with_identical_weights(data, tmp_path):
+    # 2 ranks × batch 2 over 4 images: one iteration per epoch, so every checkpoint is at an epoch end
+    options = rave_options('ddp_resume', data, total_iter=6, warmup_iters=2, save_freq=3, crop=32)
+    options['datasets']['train']['augment'] = 'official'
+    options['train']['optim_g']['lr'] = 1e-3
+    opt = write_options(tmp_path / 'ddp_resume.yml', options)
+    reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
+    reference_dir.mkdir()
+    resumed_dir.mkdir()
+    reference, _ = run_two_process_torchrun(opt, reference_dir, 29543, env())
+    run_two_process_torchrun(opt, resumed_dir, 29544, env(), extra_args=('--force_yml', 'train:total_iter=3'))
+    resumed, other_rank = run_two_process_torchrun(opt, resumed_dir, 29545, env(), extra_args=('--auto_resume',))
+    assert 'Resumed in stage "guided"' in read_log(resumed_dir / 'experiments' / 'ddp_resume')
+    initial = final_weights(resumed_dir, 'ddp_resume', '3')
+    assert any(not torch.equal(initial[k], reference['net'][k]) for k in initial)  # training went on after 3
+    torch.testing.assert_close(resumed['residual'], reference['residual'], rtol=0, atol=0)
+    for key in reference['net']:
+        torch.testing.assert_close(resumed['net'][key], reference['net'][key], rtol=0, atol=0)
+        torch.testing.assert_close(other_rank['net'][key], reference['net'][key], rtol=0, atol=0)
+
+
 def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, tmp_path):
     opt = write_options(tmp_path / 'ck.yml', rave_options('ck', data, total_iter=2, warmup_iters=2, crop=32))
     assert run_basicsr(['train', '-opt', str(opt)], cwd=tmp_path).returncode == 0
