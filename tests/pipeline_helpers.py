@@ -1,5 +1,6 @@
 """Small generated datasets and option files for end-to-end tests of the BasicSR pipelines."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -90,11 +91,20 @@ TORCHRUN_DRIVER = textwrap.dedent('''
 ''')
 
 
-def run_two_process_torchrun(option_file: Path, cwd: Path, port: int, env: dict, timeout: int = 400,
+def free_port() -> int:
+    """A TCP port nobody listens on now (fixed ports collide with runs still closing theirs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def run_two_process_torchrun(option_file: Path, cwd: Path, env: dict, timeout: int = 400,
                              extra_args: tuple = ()) -> tuple:
-    """`basicsr train --launcher pytorch` (plus ``extra_args``) in 2 CPU processes; returns the two ranks' dumps
-    (see TORCHRUN_DRIVER)."""
+    """`basicsr train --launcher pytorch` (plus ``extra_args``) in 2 CPU processes on a free port; returns the two
+    ranks' dumps (see TORCHRUN_DRIVER)."""
     import torch
+
+    port = free_port()
 
     (cwd / 'driver.py').write_text(TORCHRUN_DRIVER)
     command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',

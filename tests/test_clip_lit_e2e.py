@@ -95,7 +95,7 @@ def test_two_process_cpu_torchrun_keeps_ranks_identical(data, tmp_path):
     averaged gradients for the pair, one feature bank computed identically on each rank)."""
     options = clip_lit_options('ddp_clip_lit', data, total_iter=4, stages=(1, 1, 1, 1), save_freq=4, batch=1)
     options['val']['val_freq'] = 1000
-    rank0, rank1 = run_two_process_torchrun(write_options(tmp_path / 'ddp.yml', options), tmp_path, 29541,
+    rank0, rank1 = run_two_process_torchrun(write_options(tmp_path / 'ddp.yml', options), tmp_path,
                                             subprocess_env())
     torch.testing.assert_close(rank0['pair'], rank1['pair'], rtol=0, atol=0)
     saved = final(tmp_path, options['name'], '4')

@@ -116,7 +116,7 @@ def test_two_process_cpu_torchrun(data, tmp_path):
     options = rave_options('ddp', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32, batch=1)
     options['datasets']['train']['augment'] = 'official'
     opt = write_options(tmp_path / 'ddp.yml', options)
-    rank0, rank1 = run_two_process_torchrun(opt, tmp_path, 29537, env())
+    rank0, rank1 = run_two_process_torchrun(opt, tmp_path, env())
     torch.testing.assert_close(rank0['residual'], rank1['residual'], rtol=0, atol=0)
     assert rank0['threshold'] == rank1['threshold']
     saved = torch.load(tmp_path / 'experiments/ddp/models/net_g_4.pth', weights_only=True)['params']
@@ -135,9 +135,9 @@ def test_two_process_cpu_torchrun_interrupted_and_resumed_ends_with_identical_we
     reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
     reference_dir.mkdir()
     resumed_dir.mkdir()
-    reference, _ = run_two_process_torchrun(opt, reference_dir, 29543, env())
-    run_two_process_torchrun(opt, resumed_dir, 29544, env(), extra_args=('--force_yml', 'train:total_iter=3'))
-    resumed, other_rank = run_two_process_torchrun(opt, resumed_dir, 29545, env(), extra_args=('--auto_resume',))
+    reference, _ = run_two_process_torchrun(opt, reference_dir, env())
+    run_two_process_torchrun(opt, resumed_dir, env(), extra_args=('--force_yml', 'train:total_iter=3'))
+    resumed, other_rank = run_two_process_torchrun(opt, resumed_dir, env(), extra_args=('--auto_resume',))
     assert 'Resumed in stage "guided"' in read_log(resumed_dir / 'experiments' / 'ddp_resume')
     initial = final_weights(resumed_dir, 'ddp_resume', '3')
     assert any(not torch.equal(initial[k], reference['net'][k]) for k in initial)  # training went on after 3
