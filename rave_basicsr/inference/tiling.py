@@ -135,7 +135,7 @@ def _region_illumination(network: BacklitUNet, region: torch.Tensor, branch_maps
         rows = bilinear_weights(height, bins, ry0, ry1, dtype=torch.float32).to(small.device)
         cols = bilinear_weights(width, bins, rx0, rx1, dtype=torch.float32).to(small.device)
         parts.append(_separable_product(rows, small, cols).to(features.dtype))
-    fused_input = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)  # already is: all parts are
+    fused_input = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)
     return network.decode(fused_input)
 
 
