@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -61,6 +62,40 @@ def subprocess_env() -> dict:
     repo = str(Path(__file__).resolve().parents[1])
     env['PYTHONPATH'] = repo + (os.pathsep + env['PYTHONPATH'] if env.get('PYTHONPATH') else '')
     return env
+
+
+def single_thread_env() -> dict:
+    """:func:`subprocess_env` with one OpenMP thread (the training runs: steadier timings, 2 ranks on 2 cores)."""
+    return dict(subprocess_env(), OMP_NUM_THREADS='1')
+
+
+def run_basicsr(args, cwd: Path, env: Optional[dict] = None, timeout: int = 400) -> subprocess.CompletedProcess:
+    """Run the `basicsr` command in a child process (a fresh root logger per run, as on the command line); ``env``
+    defaults to :func:`single_thread_env`."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True,
+                          env=single_thread_env() if env is None else env, timeout=timeout)
+
+
+def read_log(experiment: Path) -> str:
+    """All training logs of an experiment folder, oldest first (a resumed run writes a second one)."""
+    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
+
+
+def train_interrupted_and_reference(option_file: Path, root: Path, stop_at: int) -> Tuple[Path, Path]:
+    """Train ``option_file`` uninterrupted in ``root/reference``, and in ``root/resumed`` stopped at ``stop_at`` then
+    auto-resumed to the end; returns the two folders."""
+    reference_dir, resumed_dir = root / 'reference', root / 'resumed'
+    reference_dir.mkdir()
+    resumed_dir.mkdir()
+    reference = run_basicsr(['train', '-opt', str(option_file)], cwd=reference_dir)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    first = run_basicsr(['train', '-opt', str(option_file), '--force_yml', f'train:total_iter={stop_at}'],
+                        cwd=resumed_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_basicsr(['train', '-opt', str(option_file), '--auto_resume'], cwd=resumed_dir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return reference_dir, resumed_dir
 
 
 TORCHRUN_DRIVER = textwrap.dedent('''

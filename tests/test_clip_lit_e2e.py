@@ -1,29 +1,18 @@
 """`basicsr train` with CLIPLITModel from YAML on the CPU: both guidance types through every stage and two rounds,
 and a run interrupted in the middle of a prompt-refinement stage that resumes to identical weights."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.clip_lit_helpers import clip_lit_options
-from tests.pipeline_helpers import run_two_process_torchrun, subprocess_env, write_options
+from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, subprocess_env,
+                                    train_interrupted_and_reference, write_options)
 from tests.rave_helpers import demo_data
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_basicsr(args, cwd, timeout=400):
-    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True,
-                          env=dict(subprocess_env(), OMP_NUM_THREADS='1'), timeout=timeout)
-
-
-def read_log(experiment: Path) -> str:
-    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
 
 
 @pytest.fixture(scope='module')
@@ -69,14 +58,7 @@ def test_resume_in_the_middle_of_prompt_refinement_is_exact(data, tmp_path):
     options['train']['optim_g']['lr'] = 1e-4
     options['train']['optim_guidance']['lr'] = 1e-2
     opt = write_options(tmp_path / 'resume.yml', options)
-    reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
-    reference_dir.mkdir()
-    resumed_dir.mkdir()
-    assert run_basicsr(['train', '-opt', str(opt)], cwd=reference_dir).returncode == 0
-    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=14'], cwd=resumed_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=resumed_dir)
-    assert second.returncode == 0, second.stderr[-3000:]
+    reference_dir, resumed_dir = train_interrupted_and_reference(opt, tmp_path, stop_at=14)
     log = read_log(resumed_dir / 'experiments' / 'resume')
     assert re.search(r'Resumed in stage "prompt", round 2: iteration 2/4', log)
     state = torch.load(resumed_dir / 'experiments' / 'resume' / 'training_states' / '14.state',

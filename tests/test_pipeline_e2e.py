@@ -1,26 +1,20 @@
 """`basicsr train` / `basicsr test` end to end on the CPU: validation, auto-resume, 2-process torchrun."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.pipeline_helpers import (run_two_process_torchrun, sr_training_options, subprocess_env, write_options,
-                                    write_paired_pngs)
+from tests import pipeline_helpers
+from tests.pipeline_helpers import (read_log, run_two_process_torchrun, sr_training_options, subprocess_env,
+                                    write_options, write_paired_pngs)
 
 pytestmark = pytest.mark.slow
 
 
-def run_basicsr(args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the `basicsr` command in a child process (a fresh root logger per run, as on the command line)."""
-    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
-
-
-def read_log(experiment: Path) -> str:
-    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
+def run_basicsr(args, cwd: Path, timeout: int = 300):
+    """:func:`tests.pipeline_helpers.run_basicsr` with the default thread count (these runs are single-process)."""
+    return pipeline_helpers.run_basicsr(args, cwd, env=subprocess_env(), timeout=timeout)
 
 
 @pytest.fixture

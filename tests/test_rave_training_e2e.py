@@ -9,24 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.pipeline_helpers import run_two_process_torchrun, subprocess_env, write_options
+from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, single_thread_env,
+                                    train_interrupted_and_reference, write_options)
 from tests.rave_helpers import demo_data, rave_options
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-
-
-def env():
-    return dict(subprocess_env(), OMP_NUM_THREADS='1')
-
-
-def run_basicsr(args, cwd, timeout=400):
-    command = [sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli'] + list(args)
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env(), timeout=timeout)
-
-
-def read_log(experiment: Path) -> str:
-    return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))
 
 
 @pytest.fixture(scope='module')
@@ -59,15 +47,8 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path)
     options = rave_options('resume', data, total_iter=8, warmup_iters=3, save_freq=4, crop=32)
     options['datasets']['train']['augment'] = 'official'  # random crops, flips, zoom and rotation: RNG matters
     options['train']['optim_g']['lr'] = 1e-3
-    reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
-    reference_dir.mkdir()
-    resumed_dir.mkdir()
     opt = write_options(tmp_path / 'resume.yml', options)
-    assert run_basicsr(['train', '-opt', str(opt)], cwd=reference_dir).returncode == 0
-    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=4'], cwd=resumed_dir)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=resumed_dir)
-    assert second.returncode == 0, second.stderr[-3000:]
+    reference_dir, resumed_dir = train_interrupted_and_reference(opt, tmp_path, stop_at=4)
     log = read_log(resumed_dir / 'experiments' / 'resume')
     assert re.search(r'Resumed in stage "guided", round 1: iteration 1/2100', log)
     reference, resumed = final_weights(reference_dir, 'resume'), final_weights(resumed_dir, 'resume')
@@ -102,7 +83,7 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_pa
     opt = write_options(tmp_path / 'nan.yml', rave_options('nan', data, total_iter=8, warmup_iters=2, crop=32))
     (tmp_path / 'driver.py').write_text(NAN_DRIVER)
     result = subprocess.run([sys.executable, 'driver.py', 'train', '-opt', str(opt)], cwd=tmp_path,
-                            capture_output=True, text=True, env=env(), timeout=400)
+                            capture_output=True, text=True, env=single_thread_env(), timeout=400)
     assert result.returncode == 2, result.stderr[-3000:]
     assert 'iteration 6' in result.stderr and 'NaN/Inf' in result.stderr and 'last good' in result.stderr
     assert 'Traceback' not in result.stderr
@@ -116,7 +97,7 @@ def test_two_process_cpu_torchrun(data, tmp_path):
     options = rave_options('ddp', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32, batch=1)
     options['datasets']['train']['augment'] = 'official'
     opt = write_options(tmp_path / 'ddp.yml', options)
-    rank0, rank1 = run_two_process_torchrun(opt, tmp_path, env())
+    rank0, rank1 = run_two_process_torchrun(opt, tmp_path, single_thread_env())
     torch.testing.assert_close(rank0['residual'], rank1['residual'], rtol=0, atol=0)
     assert rank0['threshold'] == rank1['threshold']
     saved = torch.load(tmp_path / 'experiments/ddp/models/net_g_4.pth', weights_only=True)['params']
@@ -135,9 +116,9 @@ def test_two_process_cpu_torchrun_interrupted_and_resumed_ends_with_identical_we
     reference_dir, resumed_dir = tmp_path / 'reference', tmp_path / 'resumed'
     reference_dir.mkdir()
     resumed_dir.mkdir()
-    reference, _ = run_two_process_torchrun(opt, reference_dir, env())
-    run_two_process_torchrun(opt, resumed_dir, env(), extra_args=('--force_yml', 'train:total_iter=3'))
-    resumed, other_rank = run_two_process_torchrun(opt, resumed_dir, env(), extra_args=('--auto_resume',))
+    reference, _ = run_two_process_torchrun(opt, reference_dir, single_thread_env())
+    run_two_process_torchrun(opt, resumed_dir, single_thread_env(), extra_args=('--force_yml', 'train:total_iter=3'))
+    resumed, other_rank = run_two_process_torchrun(opt, resumed_dir, single_thread_env(), extra_args=('--auto_resume',))
     assert 'Resumed in stage "guided"' in read_log(resumed_dir / 'experiments' / 'ddp_resume')
     initial = final_weights(resumed_dir, 'ddp_resume', '3')
     assert any(not torch.equal(initial[k], reference['net'][k]) for k in initial)  # training went on after 3
@@ -154,7 +135,8 @@ def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, t
     photo = Path(data['outdir']) / 'val_backlit'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(photo), '-o', str(tmp_path / 'out'),
                '--weights', str(checkpoint)]
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env(), timeout=300)
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=single_thread_env(),
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     outputs = sorted((tmp_path / 'out').iterdir())
     assert len(outputs) == 2 and all(p.stat().st_size > 0 for p in outputs)
@@ -180,7 +162,8 @@ def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, t
 def test_offline_demo_raises_psnr_against_ground_truth(tmp_path):
     """The demo option file, as shipped (100 warm-up + 100 guided iterations), on `rave demo-data` output."""
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data']
-    assert subprocess.run(command, cwd=tmp_path, capture_output=True, env=env(), timeout=120).returncode == 0
+    demo = subprocess.run(command, cwd=tmp_path, capture_output=True, env=single_thread_env(), timeout=120)
+    assert demo.returncode == 0
     result = run_basicsr(['train', '-opt', str(REPO / 'options/demo/train_rave_demo.yml'), '--force_yml',
                           'logger:use_tb_logger=false'],
                          cwd=tmp_path, timeout=900)
