@@ -99,28 +99,56 @@ def train_interrupted_and_reference(option_file: Path, root: Path, stop_at: int)
 
 
 TORCHRUN_DRIVER = textwrap.dedent('''
-    """Run `basicsr train` under torchrun and dump this rank's final network (and residual or guidance pair)."""
-    import os, sys
+    """Run `basicsr train` under torchrun and dump this rank's final network (and residual, guidance pair and
+    feature bank), plus every tensor collective the run made and those whose tensors were not on the model's
+    device (which nccl would reject on GPUs). ``reduce`` behaves as nccl's: only the destination's tensor changes
+    (gloo's leaves the full sum on the other ranks too, which hides code that reads a reduced value on them)."""
+    import functools, os, sys
     import torch
+    import torch.distributed as dist
     import rave_basicsr  # noqa: F401
     import basicsr.train
     from rave_basicsr.cli import basicsr_cli
 
-    models = []
+    models, collectives, misplaced = [], [], []
     original_build_model = basicsr.train.build_model
 
+    def checking(name, function, device):
+        @functools.wraps(function)
+        def wrapper(tensor, *args, **kwargs):
+            tensors = tensor if isinstance(tensor, (list, tuple)) else [tensor]
+            collectives.append(name)
+            misplaced.extend(f'{name}: {t.device}' for t in tensors if t.device.type != device.type)
+            return function(tensor, *args, **kwargs)
+        return wrapper
+
+    def reduce_as_nccl(function):
+        @functools.wraps(function)
+        def wrapper(tensor, dst, *args, **kwargs):
+            kept = tensor.clone()
+            result = function(tensor, dst, *args, **kwargs)
+            if dist.get_rank() != dst:
+                tensor.copy_(kept)
+            return result
+        return wrapper
+
     def capturing_build_model(opt):
+        device = torch.device('cuda' if opt['num_gpu'] != 0 else 'cpu')
+        dist.reduce = reduce_as_nccl(dist.reduce)
+        for name in ('all_reduce', 'broadcast', 'reduce', 'all_gather', 'all_gather_into_tensor', 'reduce_scatter'):
+            setattr(dist, name, checking(name, getattr(dist, name), device))
         models.append(original_build_model(opt))
         return models[-1]
 
     basicsr.train.build_model = capturing_build_model
     code = basicsr_cli.main(sys.argv[1:])
     model = models[0]
-    dump = {'net': model.get_bare_model(model.net_g).state_dict()}
+    dump = {'net': model.get_bare_model(model.net_g).state_dict(), 'collectives': collectives,
+            'misplaced': misplaced}
     if getattr(model, 'residual', None) is not None:
         dump.update(residual=model.residual.cpu(), threshold=model.threshold)
     if getattr(model, 'pair_param', None) is not None:
-        dump.update(pair=model.pair_param.detach().cpu())
+        dump.update(pair=model.pair_param.detach().cpu(), bank=dict(model.bank))
     torch.save(dump, f'rank{os.environ["RANK"]}.pt')
     sys.exit(code)
 ''')
@@ -136,7 +164,8 @@ def free_port() -> int:
 def run_two_process_torchrun(option_file: Path, cwd: Path, env: dict, timeout: int = 400,
                              extra_args: tuple = ()) -> tuple:
     """`basicsr train --launcher pytorch` (plus ``extra_args``) in 2 CPU processes on a free port; returns the two
-    ranks' dumps (see TORCHRUN_DRIVER)."""
+    ranks' dumps (see TORCHRUN_DRIVER) after checking that every tensor collective had its tensors on the model's
+    device."""
     import torch
 
     port = free_port()
@@ -146,4 +175,7 @@ def run_two_process_torchrun(option_file: Path, cwd: Path, env: dict, timeout: i
                'driver.py', 'train', '-opt', str(option_file), '--launcher', 'pytorch', *extra_args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    return torch.load(cwd / 'rank0.pt'), torch.load(cwd / 'rank1.pt')
+    dumps = torch.load(cwd / 'rank0.pt'), torch.load(cwd / 'rank1.pt')
+    for dump in dumps:
+        assert dump['collectives'] and dump['misplaced'] == [], dump['misplaced']
+    return dumps

@@ -73,17 +73,20 @@ def test_resume_in_the_middle_of_prompt_refinement_is_exact(data, tmp_path):
 
 
 def test_two_process_cpu_torchrun_keeps_ranks_identical(data, tmp_path):
-    """Both ranks end every stage of a round with the same network and the same learned pair (DDP for the network,
-    averaged gradients for the pair, one feature bank computed identically on each rank)."""
-    options = clip_lit_options('ddp_clip_lit', data, total_iter=4, stages=(1, 1, 1, 1), save_freq=4, batch=1)
+    """Both ranks end every stage of a round with the same network, the same learned pair (DDP for the network,
+    averaged gradients for the pair) and the same feature bank (recorded at "best" events that every rank decides
+    from the all-rank mean loss: the logged losses are reduced to rank 0 only)."""
+    options = clip_lit_options('ddp_clip_lit', data, total_iter=11, stages=(1, 1, 8, 1), save_freq=11, batch=1)
     options['val']['val_freq'] = 1000
     rank0, rank1 = run_two_process_torchrun(write_options(tmp_path / 'ddp.yml', options), tmp_path,
                                             subprocess_env())
     torch.testing.assert_close(rank0['pair'], rank1['pair'], rtol=0, atol=0)
-    saved = final(tmp_path, options['name'], '4')
+    assert list(rank0['bank']) == list(rank1['bank']) == [0]
+    torch.testing.assert_close(rank0['bank'][0], rank1['bank'][0], rtol=0, atol=0)
+    saved = final(tmp_path, options['name'], '11')
     torch.testing.assert_close(rank0['pair'], saved['pair'], rtol=0, atol=0)
     for key in saved['net']:
         torch.testing.assert_close(rank0['net'][key], rank1['net'][key], rtol=0, atol=0)
         torch.testing.assert_close(rank0['net'][key], saved['net'][key], rtol=0, atol=0)
     log = read_log(tmp_path / 'experiments' / options['name'])
-    assert 'world_size: 2' in log and re.search(r'Iteration 4: stage "prompt" ended', log)
+    assert 'world_size: 2' in log and re.search(r'Iteration 11: stage "prompt" ended', log)

@@ -12,7 +12,7 @@ from basicsr.models import build_model
 
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import prepare_size, to_tensor
-from rave_basicsr.models.clip_lit_model import well_lit_probability
+from rave_basicsr.losses.clip_guidance_loss import member_probabilities
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import load_option_file, load_yaml_text
 from tests.clip_lit_helpers import clip_lit_options, model_options
@@ -114,7 +114,7 @@ def test_prompt_init_separates_held_out_backlit_and_welllit(data, tmp_path):
             source = ImageSource(folder)
             images = torch.stack([to_tensor(source.read(i).rgb) for i in range(len(source))])
             with torch.no_grad():
-                p_well = well_lit_probability(encoder.encode_image(images), model.guidance_pair())
+                p_well = member_probabilities(encoder.encode_image(images), model.guidance_pair())[:, 1]
             correct += int(((p_well > 0.5).long() == label).sum())
             total += len(source)
         return correct / total
@@ -136,8 +136,10 @@ def test_guidance_score_is_the_well_lit_probability(data, tmp_path):
     images = torch.stack([to_tensor(source.read(i).rgb) for i in range(len(source))])
     with torch.no_grad():
         outputs = model.net_g(images)
-        expected = well_lit_probability(model.encoder('guidance_encoder').encode_image(outputs),
-                                        model.guidance_pair()).mean()
+        embeds = model.encoder('guidance_encoder').encode_image(outputs)
+        pair = model.guidance_pair()
+        cos = (embeds / embeds.norm(dim=1, keepdim=True)) @ (pair / pair.norm(dim=1, keepdim=True)).t()
+        expected = (1 / (1 + torch.exp(100 * (cos[:, 0] - cos[:, 1])))).mean()  # softmax member 1 of two, by hand
     assert 0.0 <= score <= 1.0
     assert score == pytest.approx(float(expected), abs=1e-5)
 

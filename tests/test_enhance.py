@@ -9,8 +9,9 @@ from PIL import Image
 
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
 from rave_basicsr.cli.rave_cli import main as rave_main
-from rave_basicsr.inference.enhance import enhance_files, enhance_image, resolve_tile, select_device
-from rave_basicsr.inference.precision import MIXED_BF16_LAYERS, autocast_dtype, mixed_precision_copy
+from rave_basicsr.inference.enhance import enhance_files, enhance_image, resolve_tile
+from rave_basicsr.utils.hardware import select_device
+from rave_basicsr.inference.precision import MIXED_BF16_LAYERS, mixed_precision_copy, resolve_precision
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
@@ -192,14 +193,15 @@ def test_bad_weights_exit_2_with_a_message(tmp_path, capsys):
     assert code == 2 and 'cond1.weight (32, 4, 3, 3)' in capsys.readouterr().err
 
 
-def test_precision_and_device_choices(weights_file):
+def test_precision_and_device_choices(weights_file, monkeypatch):
     cpu = torch.device('cpu')
-    assert autocast_dtype('fp32', cpu) is None and autocast_dtype('bf16', cpu) is torch.bfloat16
+    monkeypatch.setattr('rave_basicsr.inference.precision.native_bf16', lambda device: True)
+    assert resolve_precision('fp32', cpu) == 'fp32' and resolve_precision('bf16', cpu) == 'bf16'
     with pytest.warns(UserWarning, match='fp16 is not supported on the CPU'):
-        assert autocast_dtype('fp16', cpu) is None
-    assert autocast_dtype('fp16', torch.device('cuda')) is torch.float16
+        assert resolve_precision('fp16', cpu) == 'fp32'
+    assert resolve_precision('fp16', torch.device('cuda')) == 'fp16'
     with pytest.raises(RaveError, match='precision'):
-        autocast_dtype('int8', cpu)
+        resolve_precision('int8', cpu)
     assert select_device('cpu') == cpu
     with pytest.raises(RaveError, match='--device'):
         select_device('tpu')

@@ -6,6 +6,7 @@ distributed CPU runs and safe option files by :mod:`rave_basicsr.utils.pipeline`
 """
 import os
 import sys
+import traceback
 from typing import List, Optional
 
 from rave_basicsr.utils.errors import RaveError
@@ -66,10 +67,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             print(f'basicsr: unknown command {command!r}\n\n{USAGE}', file=sys.stderr)
             return 2
-    except RaveError as exc:
+    except Exception as exc:
+        end_distributed_run_on_error(command, exc)
+        if not isinstance(exc, RaveError):
+            raise
         print(f'basicsr {command}: error: {exc}', file=sys.stderr)
         return 2
     return 0
+
+
+def end_distributed_run_on_error(command: str, exc: Exception) -> None:
+    """In a distributed run, report ``exc`` with this rank's number, tell the other ranks, and exit at once (they
+    stop within seconds instead of waiting in a collective until the timeout). Returns outside distributed runs."""
+    import torch.distributed as dist
+
+    from rave_basicsr.utils.distributed import announce_failure, exit_now
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    rank = dist.get_rank()
+    summary = str(exc) if isinstance(exc, RaveError) else f'{type(exc).__name__}: {exc}'
+    if not isinstance(exc, RaveError):
+        traceback.print_exc()
+    announce_failure(summary)
+    exit_now(f'basicsr {command}: rank {rank}: error: {summary}', 2 if isinstance(exc, RaveError) else 1)
 
 
 if __name__ == '__main__':

@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         '$RAVE_CACHE_DIR or ~/.cache/rave_basicsr), an official .pth, or a BasicSR checkpoint '
                         '(params_ema preferred over params). Default: rave_unpaired')
     parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
-    parser.add_argument('--precision', default='fp32', choices=list(PRECISIONS),
-                        help='fp32 (default); bf16 (fastest; output within about 2 grey levels of fp32); mixed (bf16 in '
-                        'the middle of the network: within 1 grey level of fp32, nearly as fast); fp16 (CUDA only)')
+    parser.add_argument('--precision', default='auto', choices=list(PRECISIONS),
+                        help='auto (default): mixed where the CPU or GPU has native bfloat16, else fp32; fp32 (true '
+                        'float32, also on GPUs); tf32 (GPUs from Ampere on); mixed (bf16 in the middle of the '
+                        'network: within 1 grey level of fp32); bf16 (fastest; within about 2 grey levels); '
+                        'fp16 (CUDA only)')
     parser.add_argument('--tile', type=int, default=None, metavar='N',
                         help='process in N×N tiles (exact: same result as whole-image); 0 = never tile. '
                         'Default: 990-px tiles for images above 1 megapixel')

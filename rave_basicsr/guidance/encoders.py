@@ -214,9 +214,11 @@ def _close(name: str, choices: Sequence[str], n: int = 5) -> List[str]:
 
 
 def _seeded(seed: int, build: Callable[[], Any]) -> Any:
-    """Build under a fixed seed without disturbing the caller's random state."""
+    """Build (on the CPU) under a fixed seed without disturbing the caller's random state: only the CPU generator
+    is seeded and restored (``torch.manual_seed`` would also reseed every GPU's generator, which ``fork_rng``
+    does not restore here, and a distributed run would lose its per-rank seeds)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         return build()
 
 

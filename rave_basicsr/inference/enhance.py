@@ -1,12 +1,11 @@
-"""Enhance real photos with a trained or released enhancement network.
+"""Enhance photos (files and folders) with a trained or released enhancement network.
 
-:func:`enhance_image` enhances one image (array or tensor) on any device and precision, tiling large images
-exactly (:mod:`rave_basicsr.inference.tiling`), so the result does not depend on the tile size.
 :func:`enhance_files` enhances files and folders into an output folder the way users need it: every readable
 format and bit depth, alpha carried through, EXIF orientation applied, existing outputs never overwritten without
-``overwrite``, atomic writes, and one unreadable file does not stop the others (it is reported in the summary).
+``overwrite``, atomic writes, and one bad file does not stop the others (it is reported in the summary). An image
+that runs out of memory (a GPU shared with other jobs, a huge photo) is retried with smaller tiles, which exact
+tiling makes free of any quality loss. The network itself runs in :class:`~rave_basicsr.inference.enhancer.Enhancer`.
 """
-import contextlib
 import os
 import sys
 import time
@@ -17,86 +16,66 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
-from rave_basicsr.inference.precision import autocast_dtype, prepare_network
-from rave_basicsr.inference.tiling import HALO_FULL, tiled_forward
+from rave_basicsr.inference.enhancer import Enhancer, resolve_tile
 from rave_basicsr.inference.weights import load_enhancement_network
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.hardware import select_device
 from rave_basicsr.utils.image_io import encode_image, is_image_file, read_image, write_image_atomic
 
 #: output formats: name -> file extension ('same' keeps the input's)
 OUTPUT_FORMATS = {'png': '.png', 'jpg': '.jpg', 'tiff': '.tiff', 'webp': '.webp', 'bmp': '.bmp'}
 #: input extensions written back unchanged by format 'same' (others become PNG)
 _WRITABLE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
-#: images with more pixels than this are tiled when no tile size is given (bounds peak memory to about 1.5 GB)
-AUTO_TILE_PIXELS = 1024 * 1024
-AUTO_TILE = 1024 - 2 * HALO_FULL
+#: the smallest tile an out-of-memory retry goes down to
+MIN_RETRY_TILE = 64
 
 
-def select_device(name: str = 'auto') -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; unavailable CUDA is an error."""
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if name == 'cpu':
-        return torch.device('cpu')
-    if name.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise RaveError(f'--device {name}: CUDA is not available on this machine; use --device cpu or auto.')
-        return torch.device(name)
-    raise RaveError(f'--device {name!r}: use auto, cpu, cuda or cuda:N.')
-
-
-def resolve_tile(tile: Optional[int], height: int, width: int) -> int:
-    """Tile size for an image: ``None`` picks :data:`AUTO_TILE` for images above :data:`AUTO_TILE_PIXELS`; 0 (or
-    a tile covering the image) means one whole-image pass."""
-    if tile is None:
-        tile = AUTO_TILE if height * width > AUTO_TILE_PIXELS else 0
-    if tile < 0:
-        raise RaveError(f'--tile {tile}: must be 0 (no tiling) or a positive number of pixels.')
-    return 0 if tile == 0 or (tile >= height and tile >= width) else tile
-
-
-@torch.inference_mode()
-def enhance_tensor(network: BacklitUNet, image: torch.Tensor, tile: Optional[int] = None,
-                   precision: str = 'fp32', prepared: bool = False) -> torch.Tensor:
-    """Enhance an N×3×H×W float tensor in [0, 1] with ``network`` on the network's device; float32 result on the
-    image's device. Tiling (``tile`` px, see :func:`resolve_tile`) gives the whole-image result exactly.
-    ``prepared``: the network already went through :func:`prepare_network` (then ``precision`` only selects
-    autocast), which avoids re-preparing it per image."""
-    if prepared:
-        device = next(network.parameters()).device
-        dtype = None if network.cond1.weight.dtype != torch.float32 else autocast_dtype(precision, device)
-    else:
-        network, dtype = prepare_network(network, precision)
-        device = next(network.parameters()).device
-    tile = resolve_tile(tile, image.shape[-2], image.shape[-1])
-    if tile:
-        return tiled_forward(network, image.float(), tile, device=device, autocast_dtype=dtype)
-    source = image.to(device=device, dtype=torch.float32)
-    compute = source.to(network.cond1.weight.dtype).contiguous(memory_format=torch.channels_last)
-    with contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype):
-        light = network.illumination(compute)
-    return divide_by_illumination(source, light.float(), network.division_eps).to(image.device)
-
-
-def enhance_image(network: BacklitUNet, rgb: Union[np.ndarray, torch.Tensor], tile: Optional[int] = None,
-                  precision: str = 'fp32', prepared: bool = False) -> Union[np.ndarray, torch.Tensor]:
-    """Enhance an H×W×3 float array (RGB in [0, 1]) or an N×3×H×W tensor; returns the same kind, float32."""
+def enhance_image(network: torch.nn.Module, rgb: Union[np.ndarray, torch.Tensor], tile: Optional[int] = None,
+                  precision: str = 'fp32') -> Union[np.ndarray, torch.Tensor]:
+    """Enhance an H×W×3 float array (RGB in [0, 1]) or an N×3×H×W tensor with ``network``; returns the same kind,
+    float32. For many images, build one :class:`Enhancer` instead (it prepares the network once)."""
+    enhancer = Enhancer(network, precision)
     if isinstance(rgb, torch.Tensor):
-        return enhance_tensor(network, rgb, tile, precision, prepared)
-    array = np.asarray(rgb, dtype=np.float32)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise RaveError(f'enhance_image expects an H×W×3 RGB array, got shape {array.shape}.')
-    tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
-    return enhance_tensor(network, tensor, tile, precision, prepared)[0].permute(1, 2, 0).numpy()
+        return enhancer.enhance(rgb, tile)
+    return enhancer.enhance_array(rgb, tile)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: CUDA's ``OutOfMemoryError`` or the CPU allocator's error."""
+    return isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, RuntimeError)
+                                                        and "can't allocate memory" in str(exc))
+
+
+def enhance_with_retry(enhancer: Enhancer, rgb: np.ndarray, tile: Optional[int] = None
+                       ) -> Tuple[np.ndarray, Optional[int]]:
+    """Enhance ``rgb``; on running out of memory, free the cache and retry with tiles half as large, down to
+    :data:`MIN_RETRY_TILE`. Returns the result and the tile size that finally worked (None: no retry needed)."""
+    height, width = rgb.shape[:2]
+    current = resolve_tile(tile, height, width)
+    retried_with = None
+    while True:
+        try:
+            return enhancer.enhance_array(rgb, current), retried_with
+        except Exception as exc:  # only allocation failures are retried
+            if not is_out_of_memory(exc):
+                raise
+        if enhancer.device.type == 'cuda':
+            torch.cuda.empty_cache()
+        current = (current or max(height, width)) // 2
+        if current < MIN_RETRY_TILE:
+            raise RaveError(f'out of memory on {enhancer.device} even with {MIN_RETRY_TILE}-px tiles; free memory on '
+                            'the device (other processes) or use --device cpu.')
+        retried_with = current
 
 
 @dataclass
 class EnhanceSummary:
-    """What :func:`enhance_files` did: outputs written (with seconds each), skipped and failed inputs."""
+    """What :func:`enhance_files` did: outputs written (with seconds each), skipped and failed inputs, and the
+    inputs that needed smaller tiles after running out of memory."""
     written: List[Tuple[str, str, float]] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     failed: List[Tuple[str, str]] = field(default_factory=list)
+    retried: List[Tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -109,6 +88,7 @@ class EnhanceSummary:
                  f'in {self.seconds:.1f} s'
                  + (f' ({sum(t for *_, t in self.written) / len(self.written):.2f} s per image)' if self.written
                     else '') + '.']
+        lines += [f'  note    {path}: {reason}' for path, reason in self.retried]
         lines += [f'  skipped {path}: {reason}' for path, reason in self.skipped]
         lines += [f'  FAILED  {path}: {reason}' for path, reason in self.failed]
         return '\n'.join(lines)
@@ -144,34 +124,36 @@ def output_extension(source: Path, output_format: str) -> str:
     return OUTPUT_FORMATS[output_format]
 
 
-def enhance_file(network: BacklitUNet, source: Path, target: Path, tile: Optional[int] = None,
-                 precision: str = 'fp32', prepared: bool = False) -> None:
+def enhance_file(enhancer: Enhancer, source: Path, target: Path, tile: Optional[int] = None) -> Optional[int]:
     """Read ``source``, enhance it and write ``target`` atomically with the source's bit depth, alpha and grey-ness
-    (as far as the target format allows)."""
+    (as far as the target format allows). Returns the tile size an out-of-memory retry used, or None."""
     decoded = read_image(str(source))
-    enhanced = enhance_image(network, decoded.rgb, tile, precision, prepared)
+    enhanced, retried_with = enhance_with_retry(enhancer, decoded.rgb, tile)
     if decoded.color_channels == 1 and decoded.alpha is None:
         enhanced = enhanced.mean(axis=2)  # the planes are equal: grey in, grey out
     write_image_atomic(str(target), encode_image(enhanced, target.suffix, decoded.bit_depth, decoded.alpha))
+    return retried_with
 
 
 def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike],
-                  weights: Union[str, os.PathLike] = 'rave_unpaired', device: str = 'auto', precision: str = 'fp32',
+                  weights: Union[str, os.PathLike] = 'rave_unpaired', device: str = 'auto', precision: str = 'auto',
                   tile: Optional[int] = None, recursive: bool = False, overwrite: bool = False,
                   output_format: str = 'same', outer_padding: str = 'reflect', division_eps: float = 0.0,
                   progress: bool = True, echo: Callable[[str], None] = print) -> EnhanceSummary:
     """Enhance files and folders into ``out_dir`` (created if missing) and return what happened.
 
     Existing outputs are skipped unless ``overwrite``; an unreadable input is recorded in ``failed`` and the rest
-    go on. Defaults reproduce the official inference (reflect padding, no epsilon).
+    go on. Defaults reproduce the official inference (reflect padding, no epsilon) at the precision the hardware
+    runs fastest within one grey level of fp32 (``auto``).
     """
     from tqdm import tqdm
 
     started = time.perf_counter()
     torch_device = select_device(device)
     output_extension(Path('x.png'), output_format)
+    resolve_tile(tile, 1, 1)
     network = load_enhancement_network(weights, outer_padding, division_eps, torch_device)
-    network, _ = prepare_network(network, precision)
+    enhancer = Enhancer(network, precision)
     jobs, missing = collect_inputs(inputs, recursive)
     summary = EnhanceSummary(failed=list(missing))
     out_dir = Path(out_dir)
@@ -197,7 +179,7 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
             continue
         begin = time.perf_counter()
         try:
-            enhance_file(network, source, target, tile, precision, prepared=True)
+            retried_with = enhance_file(enhancer, source, target, tile)
         except (RaveError, OSError) as exc:  # unreadable input or unwritable output: report it, go on
             message = str(exc)
             message = message[len(str(source)):].lstrip(': ') if message.startswith(str(source)) else message
@@ -206,6 +188,10 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
             continue
         seconds = time.perf_counter() - begin
         summary.written.append((str(source), str(target), seconds))
+        if retried_with is not None:
+            note = f'ran out of memory; enhanced in {retried_with}-px tiles instead (exact: the same result)'
+            summary.retried.append((str(source), note))
+            report(f'note    {source}: {note}')
         report(f'{seconds:6.2f} s  {source} -> {target}')
     bar.close()
     summary.seconds = time.perf_counter() - started

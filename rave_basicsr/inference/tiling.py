@@ -12,7 +12,6 @@ Halo regions are clipped at the image border, so border padding matches the whol
 seams only touches halo pixels, which are discarded. Peak memory depends on the tile size, not the image size.
 """
 import contextlib
-import math
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -43,29 +42,33 @@ def _with_halo(start: int, stop: int, halo: int, size: int) -> Tuple[int, int]:
     return max(start - halo, 0), min(stop + halo, size)
 
 
-def pooling_membership(size: int, bins: int, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
+def pooling_membership(size: int, bins: int, start: int, stop: int, dtype=torch.float64,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
     """``bins × (stop - start)`` 0/1 matrix: which adaptive-pooling bins contain each of the rows ``start..stop``.
 
     PyTorch's adaptive average pooling of ``size`` rows into ``bins`` uses rows
     ``floor(i * size / bins) .. ceil((i + 1) * size / bins) - 1`` for bin ``i`` (bins may overlap).
     """
-    rows = torch.arange(start, stop)
-    first = torch.tensor([(i * size) // bins for i in range(bins)])
-    last = torch.tensor([-((-(i + 1) * size) // bins) for i in range(bins)])  # ceil, exclusive
+    device = torch.device('cpu') if device is None else device
+    rows = torch.arange(start, stop, device=device)
+    first = torch.tensor([(i * size) // bins for i in range(bins)], device=device)
+    last = torch.tensor([-((-(i + 1) * size) // bins) for i in range(bins)], device=device)  # ceil, exclusive
     return ((rows[None, :] >= first[:, None]) & (rows[None, :] < last[:, None])).to(dtype)
 
 
-def bilinear_weights(size: int, bins: int, start: int, stop: int, dtype=torch.float64) -> torch.Tensor:
+def bilinear_weights(size: int, bins: int, start: int, stop: int, dtype=torch.float64,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
     """``(stop - start) × bins`` weights that upsample ``bins`` samples to ``size`` (bilinear,
     ``align_corners=True``), evaluated at the global positions ``start..stop`` only."""
-    positions = torch.arange(start, stop, dtype=torch.float64)
+    device = torch.device('cpu') if device is None else device
+    positions = torch.arange(start, stop, dtype=torch.float64, device=device)
     scale = (bins - 1) / (size - 1) if size > 1 else 0.0
     source = positions * scale
     lower = source.floor().long().clamp(max=bins - 1)
     upper = (lower + 1).clamp(max=bins - 1)
     frac = source - lower.to(torch.float64)
-    weights = torch.zeros(stop - start, bins, dtype=torch.float64)
-    index = torch.arange(stop - start)
+    weights = torch.zeros(stop - start, bins, dtype=torch.float64, device=device)
+    index = torch.arange(stop - start, device=device)
     weights[index, lower] += 1 - frac
     weights[index, upper] += frac
     return weights.to(dtype)
@@ -110,15 +113,15 @@ def pooled_branch_maps(network: BacklitUNet, image: torch.Tensor, tile: int, dev
             features = network.encode(_to_compute(network, image[:, :, ry0:ry1, rx0:rx1], device))
         interior = features[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].float()  # stays channels-last
         for k, bins in enumerate(ppm.bins):
-            rows = pooling_membership(height, bins, y0, y1, torch.float32).to(device)
-            cols = pooling_membership(width, bins, x0, x1, torch.float32).to(device)
+            rows = pooling_membership(height, bins, y0, y1, torch.float32, device)
+            cols = pooling_membership(width, bins, x0, x1, torch.float32, device)
             part = _separable_product(rows, interior, cols).double()  # float32 per tile, float64 across tiles
             sums[k] = part if sums[k] is None else sums[k] + part
     maps = []
     for k, bins in enumerate(ppm.bins):
-        rows = pooling_membership(height, bins, 0, height).sum(1)
-        cols = pooling_membership(width, bins, 0, width).sum(1)
-        area = (rows[:, None] * cols[None, :]).to(device)
+        rows = pooling_membership(height, bins, 0, height, device=device).sum(1)
+        cols = pooling_membership(width, bins, 0, width, device=device).sum(1)
+        area = rows[:, None] * cols[None, :]
         pooled = (sums[k] / area).to(ppm.features[k][1].weight.dtype)  # the branch's dtype (mixed precision)
         with _compute_context(device, autocast_dtype):
             maps.append(ppm.branch_from_pooled(k, pooled).float())
@@ -132,8 +135,8 @@ def _region_illumination(network: BacklitUNet, region: torch.Tensor, branch_maps
     features = network.encode(region)
     parts = [features]
     for bins, small in zip(network.PPM1.bins, branch_maps):
-        rows = bilinear_weights(height, bins, ry0, ry1, dtype=torch.float32).to(small.device)
-        cols = bilinear_weights(width, bins, rx0, rx1, dtype=torch.float32).to(small.device)
+        rows = bilinear_weights(height, bins, ry0, ry1, torch.float32, small.device)
+        cols = bilinear_weights(width, bins, rx0, rx1, torch.float32, small.device)
         parts.append(_separable_product(rows, small, cols).to(features.dtype))
     fused_input = torch.cat(parts, 1).contiguous(memory_format=torch.channels_last)
     return network.decode(fused_input)
@@ -169,10 +172,3 @@ def tiled_forward(network: BacklitUNet, image: torch.Tensor, tile: int, device: 
         if light is not None:
             light[:, :, y0:y1, x0:x1] = inner_light.to(light.device)
     return (enhanced, light) if return_illumination else enhanced
-
-
-def suggested_tile(height: int, width: int, max_pixels: int = 1 << 20) -> int:
-    """A square tile size keeping each tile (halo included) near ``max_pixels``, or 0 when the image fits."""
-    if height * width <= max_pixels:
-        return 0
-    return max(64, int(math.sqrt(max_pixels)) - 2 * HALO_FULL)

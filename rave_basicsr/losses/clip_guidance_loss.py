@@ -5,8 +5,13 @@ feature lists. Each loss has ``loss_weight`` (default 1.0); the official factors
 25 (identity warm-up), 320 (prompt/latent guidance, 16 · 20), 1920 (RAVE, 6 · 320) and 200 (ranking) — are set in
 the option files, so that a loss value read in isolation is the unscaled quantity of the spec. Every other default
 reproduces the official code. The guidance pair is ``[2, D]``: row 0 negative (backlit), row 1 positive (well-lit).
+
+Every loss computes in float32, also inside a mixed-precision (autocast) region: matrix products are on autocast's
+low-precision list, so ``normalize(e) @ normalize(g)`` would otherwise run in fp16/bf16, and the RAVE term
+``(cos - threshold)²`` and the ×100 logits are too sensitive for that (about 12% off in bf16).
 """
-from typing import Optional, Sequence, Union
+import functools
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +43,16 @@ def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
     return values
 
 
+def float32_loss(forward: Callable) -> Callable:
+    """Run a loss's ``forward`` with autocast disabled on its inputs' device (see the module docstring)."""
+    @functools.wraps(forward)
+    def wrapper(self, first, *args, **kwargs):
+        tensor = first[0] if isinstance(first, (list, tuple)) else first
+        with torch.autocast(device_type=tensor.device.type, enabled=False):
+            return forward(self, first, *args, **kwargs)
+    return wrapper
+
+
 def _check_pair(guidance: torch.Tensor, embeds: torch.Tensor, name: str) -> None:
     if guidance.dim() != 2 or guidance.shape[0] != 2:
         raise RaveError(f'{name}: the guidance pair must be a [2, D] tensor (negative, positive), '
@@ -47,10 +62,17 @@ def _check_pair(guidance: torch.Tensor, embeds: torch.Tensor, name: str) -> None
                         f'{list(guidance.shape)}; both must share the embedding size D of one encoder.')
 
 
+def member_probabilities(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """``[B, 2]`` softmax probabilities of the (negative, positive) members over ``scale · cos`` similarities,
+    in float32 whatever autocast says."""
+    with torch.autocast(device_type=embeds.device.type, enabled=False):
+        logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
+        return logits.softmax(dim=-1)
+
+
 def negative_probability(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
-    """``[B]`` softmax probability of the negative (backlit) member over ``scale · cos`` similarities."""
-    logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
-    return logits.softmax(dim=-1)[:, 0]
+    """``[B]`` probability of the negative (backlit) member: CLIP-LIT's guidance loss per image."""
+    return member_probabilities(embeds, guidance, logit_scale)[:, 0]
 
 
 @LOSS_REGISTRY.register()
@@ -77,6 +99,7 @@ class CLIPIdentityLoss(nn.Module):
                             f'per feature map (stem, layer1..layer4), got {weights!r}.')
         return [float(w) for w in weights]
 
+    @float32_loss
     def forward(self, output_features: Sequence[torch.Tensor], input_features: Sequence[torch.Tensor],
                 layer_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
         weights = self.layer_weights if layer_weights is None else self._check_layer_weights(layer_weights)
@@ -106,6 +129,7 @@ class PromptGuidanceLoss(nn.Module):
         self.logit_scale = float(logit_scale)
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptGuidanceLoss')
 
+    @float32_loss
     def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
         _check_pair(guidance, image_embeds, 'PromptGuidanceLoss')
         return self.loss_weight * _reduce(negative_probability(image_embeds, guidance, self.logit_scale),
@@ -125,6 +149,7 @@ class PromptInitLoss(nn.Module):
         self.logit_scale = float(logit_scale)
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptInitLoss')
 
+    @float32_loss
     def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check_pair(guidance, image_embeds, 'PromptInitLoss')
         if labels.shape != image_embeds.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
@@ -172,6 +197,7 @@ class PromptRankingLoss(nn.Module):
     def _term(self, higher: torch.Tensor, lower: torch.Tensor, margin: float) -> torch.Tensor:
         return _reduce(torch.clamp(lower - higher + margin, min=0.0), self.reduction)
 
+    @float32_loss
     def forward(self, guidance: torch.Tensor, backlit: torch.Tensor, welllit: torch.Tensor,
                 newest: Optional[torch.Tensor] = None, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
         if previous is not None and newest is None:
@@ -202,6 +228,7 @@ class ResidualVectorLoss(nn.Module):
         self.loss_weight = _check_weight(loss_weight, 'ResidualVectorLoss')
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'ResidualVectorLoss')
 
+    @float32_loss
     def forward(self, image_embeds: torch.Tensor, residual: torch.Tensor,
                 threshold: Union[float, torch.Tensor]) -> torch.Tensor:
         if residual.dim() != 1 or image_embeds.dim() != 2 or image_embeds.shape[1] != residual.shape[0]:

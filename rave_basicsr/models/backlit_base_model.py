@@ -70,6 +70,11 @@ DEFAULT_WARMUP = {'iters': 1000, 'reinit_psnr': 8.0, 'reinit_after': 100, 'reini
                                    'batch_reduction': 'sum'}}
 
 
+#: an fp16 loss scale below this, with gradients still overflowing, means training diverged (from the initial
+#: 65536 it takes 26 consecutive overflowing steps)
+FP16_MIN_LOSS_SCALE = 2.0 ** -10
+
+
 class TrainingDivergedError(RaveError):
     """A non-finite loss or gradient: training stops before the weights are touched (last checkpoint kept)."""
 
@@ -82,26 +87,28 @@ def metric_needs_reference(metric_type: str) -> bool:
 
 
 def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) RNG states as tensors/lists/numbers (``weights_only`` loadable)."""
+    """Python, NumPy, torch (and the current CUDA device's) RNG states as tensors/lists/numbers (``weights_only``
+    loadable). One CUDA generator, not every visible GPU's: each rank draws from its own device only, and a run
+    resumed with fewer visible GPUs must still find its state."""
     version, internal, gauss = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {'python': [version, list(internal), gauss],
              'numpy': [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
              'torch': torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda'] = torch.cuda.get_rng_state().cpu()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` saved."""
+    """Restore what :func:`rng_state` saved (tensors may come from any device)."""
     version, internal, gauss = state['python']
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state['torch'].cpu())
     if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+        torch.cuda.set_rng_state(state['cuda'].cpu())
 
 
 class BacklitBaseModel(BaseModel):
@@ -127,7 +134,7 @@ class BacklitBaseModel(BaseModel):
         self.encoders: Dict[str, torch.nn.Module] = {}
         self.schedule: Optional[StageSchedule] = None
         self.scaler = None
-        self.autocast_dtype = None  # set by setup_precision when training; test() runs in full precision otherwise
+        self.autocast_dtype = None  # set by setup_precision when training
         self.log_dict = OrderedDict()
         self._messages_shown = set()
         if self.is_train:
@@ -185,20 +192,32 @@ class BacklitBaseModel(BaseModel):
                                              if self.schedule.rounds else ''))
 
     def setup_precision(self, train_opt: dict) -> None:
-        """``mixed_precision: bf16 | fp16 | ~`` (autocast of the network and losses) where the device supports it."""
+        """``mixed_precision: bf16 | fp16 | ~``: autocast of the network and the encoders (losses stay float32).
+
+        bf16 needs native hardware support on a GPU (Ampere or newer; older GPUs emulate it); on a CPU without it
+        the run works but is slow, which is said once. fp16 scales the loss with a GradScaler, on CUDA as on the
+        CPU (where it is emulated and slow, but the same code path runs).
+        """
+        from rave_basicsr.utils.hardware import native_bf16
+
         mode = train_opt.get('mixed_precision')
         self.autocast_dtype = None
         if mode in (None, False, 'fp32', 'none'):
             return
         if mode == 'bf16':
-            if self.device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-                raise RaveError('train:mixed_precision is bf16 but this GPU does not support bfloat16; use fp16 or ~.')
+            if not native_bf16(self.device):
+                if self.device.type == 'cuda':
+                    raise RaveError('train:mixed_precision is bf16 but this GPU has no native bfloat16 (it needs '
+                                    'Ampere or newer); use fp16 or ~.')
+                self.logger.warning('train:mixed_precision bf16: this CPU has no native bfloat16 (AVX512_BF16 or '
+                                    'AMX); it is emulated and slower than float32 here.')
             self.autocast_dtype = torch.bfloat16
         elif mode == 'fp16':
             if self.device.type != 'cuda':
-                raise RaveError('train:mixed_precision fp16 needs a CUDA device; on the CPU use bf16 or ~.')
+                self.logger.warning('train:mixed_precision fp16 on the CPU is emulated and slow; it is meant for '
+                                    'GPUs (bf16 is the fast reduced precision of CPUs that have it).')
             self.autocast_dtype = torch.float16
-            self.scaler = torch.amp.GradScaler('cuda')
+            self.scaler = torch.amp.GradScaler(self.device.type)
         else:
             raise RaveError(f'train:mixed_precision must be bf16, fp16 or ~ (off), got {mode!r}.')
 
@@ -320,11 +339,11 @@ class BacklitBaseModel(BaseModel):
             self.model_ema(decay=self.ema_decay)
         parts = OrderedDict((f'{stage.name}/{name}', value.detach().float()) for name, value in parts.items())
         parts[f'{stage.name}/l_total'] = loss.detach().float()
-        self.log_dict = self.reduce_loss_dict(parts)
-        monitored = self.all_ranks_mean(loss.detach().float())
+        self.log_dict = self.reduce_loss_dict(parts)  # BasicSR reduces it to rank 0 only: for logging alone
+        self.monitored_loss = self.all_ranks_mean(loss.detach().float())  # what decisions use: equal on every rank
         if stage.name == 'warmup':
             self.reinit_guard()
-        if self.schedule.step(monitored):
+        if self.schedule.step(self.monitored_loss):
             self.logger.info(f'Iteration {current_iter}: stage "{stage.name}" ended; now {self.schedule.describe()}.')
             self.on_stage_start(self.schedule.current)
 
@@ -338,23 +357,33 @@ class BacklitBaseModel(BaseModel):
 
     def check_finite(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, current_iter: int,
                      stage: StageSpec) -> None:
-        """Stop before the optimiser step when the loss or a gradient is NaN/Inf (on any rank)."""
+        """Stop before the optimiser step when the loss or a gradient is NaN/Inf (on any rank).
+
+        With fp16's GradScaler, overflowing gradients are expected now and then (the scaler skips that step and
+        halves its scale); only when they keep overflowing until the scale falls below
+        :data:`FP16_MIN_LOSS_SCALE` has training diverged.
+        """
         finite = torch.isfinite(loss.detach()).all()
-        if self.scaler is None:  # a GradScaler skips steps with non-finite gradients by design
-            for group in optimizer.param_groups:
-                for param in group['params']:
-                    if param.grad is not None:
-                        finite = finite & torch.isfinite(param.grad).all()
+        grads_finite = torch.ones((), dtype=torch.bool, device=finite.device)
+        for group in optimizer.param_groups:
+            for param in group['params']:
+                if param.grad is not None:
+                    grads_finite = grads_finite & torch.isfinite(param.grad).all()
+        if self.scaler is None:
+            finite = finite & grads_finite
+        elif self.scaler.get_scale() < FP16_MIN_LOSS_SCALE:
+            finite = finite & grads_finite
         flag = finite.float().reshape(1)
         if self.opt['dist']:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if flag.item() < 1:
             where = self.opt['path'].get('models', 'the models folder')
+            scale = '' if self.scaler is None else f', fp16 loss scale {self.scaler.get_scale():.3g}'
             raise TrainingDivergedError(
                 f'iteration {current_iter} ({self.schedule.describe()}): the loss or its gradient is NaN/Inf '
-                f'(loss = {float(loss.detach()):.4g}); training stopped before updating the weights. The last good '
-                f'checkpoint is the newest one in {where}. Lower train:optim_g:lr, turn off '
-                'train:mixed_precision, or check the training images, then resume with --auto_resume.')
+                f'(loss = {float(loss.detach()):.4g}{scale}); training stopped before updating the weights. The last '
+                f'good checkpoint is the newest one in {where}. Lower train:optim_g:lr, turn off '
+                'train:mixed_precision (or use bf16), or check the training images, then resume with --auto_resume.')
 
     def reinit_guard(self) -> None:
         """The originals' warm-up guard: re-initialise a network whose output stays far from its input."""
@@ -395,17 +424,24 @@ class BacklitBaseModel(BaseModel):
 
     # ------------------------------------------------------------------ inference
     def test(self) -> None:
-        """Enhance ``self.lq`` (EMA network when present) into ``self.output`` and ``self.illumination``."""
+        """Enhance ``self.lq`` (EMA network when present) into ``self.output`` and ``self.illumination``.
+
+        Always in float32, also in mixed-precision training (validation figures stay comparable between runs and
+        with ``basicsr test``). ``val: tile`` tiles large images exactly, as ``rave enhance`` does: ``~`` (default)
+        tiles images above one megapixel, 0 never, N uses N-px tiles; 12-24 MP photos then fit on any GPU.
+        """
+        from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+        from rave_basicsr.inference.enhancer import Enhancer
+
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
+        if isinstance(net, BacklitUNet):
+            tile = (self.opt.get('val') or {}).get('tile')
+            self.output, self.illumination = Enhancer.for_model(net).enhance(self.lq, tile, return_illumination=True)
+            return
         was_training = net.training
         net.eval()
-        with torch.no_grad(), self.autocast():
-            if hasattr(net, 'forward_with_illumination'):
-                output, illumination = net.forward_with_illumination(self.lq)
-            else:
-                output, illumination = net(self.lq), None
-        self.output = output.float()
-        self.illumination = None if illumination is None else illumination.float()
+        with torch.no_grad():
+            self.output, self.illumination = net(self.lq).float(), None
         net.train(was_training)
 
     def get_current_visuals(self) -> dict:

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from basicsr.losses import build_loss
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from rave_basicsr.losses.clip_guidance_loss import member_probabilities
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
@@ -65,12 +66,6 @@ DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 
 DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
 #: keys under which saved pairs are accepted (ours, the original CLIP-LIT ``Prompts`` module, RAVE's latents)
 PAIR_KEYS = ('pair', 'embedding_prompt', 'guidance_embeddings')
-
-
-def well_lit_probability(embeds: torch.Tensor, pair: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
-    """``[B]`` softmax probability of the positive (well-lit) member: the CLIP-LIT guidance score per image."""
-    logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(pair.float(), dim=-1).t()
-    return logits.softmax(dim=-1)[:, 1]
 
 
 class EpochSampler:
@@ -314,7 +309,7 @@ class CLIPLITModel(BacklitBaseModel):
             return
         ended = (self.schedule.index, self.schedule.round) != position or self.schedule.finished
         if self.results_opt['at'] == 'best':
-            self.loss_window.append(-float(self.log_dict['network/l_total']))
+            self.loss_window.append(-self.monitored_loss)
             if done % self.results_opt['display_iter'] == 0:
                 score = sum(self.loss_window) / len(self.loss_window)
                 if score > self.best_score:
@@ -415,4 +410,4 @@ class CLIPLITModel(BacklitBaseModel):
             return super().compute_metric(name, metric_opt, result_img, gt_img, img_name)
         with torch.no_grad():
             embeds = self.encoder('guidance_encoder').encode_image(self.output.float())
-            return float(well_lit_probability(embeds, self.guidance_pair().float()).mean())
+            return float(member_probabilities(embeds, self.guidance_pair())[:, 1].mean())

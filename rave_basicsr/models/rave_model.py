@@ -65,9 +65,9 @@ class RAVEModel(BacklitBaseModel):
             self.logger.info(f'Residual vector: {residual.numel()} dims, threshold {threshold:.4f}, from '
                              f'{info["counts"]} images.')
         else:
-            residual, threshold, info = torch.zeros(encoder.embed_dim), 0.0, {}
+            residual, threshold, info = torch.zeros(encoder.embed_dim, device=self.device), 0.0, {}
         if self.opt['dist']:
-            packed = torch.cat([residual, torch.tensor([threshold])]).to(self.device)
+            packed = torch.cat([residual.to(self.device), torch.tensor([threshold], device=self.device)])
             dist.broadcast(packed, 0)
             residual, threshold = packed[:-1].cpu(), float(packed[-1])
             if self.opt['rank'] != 0:

@@ -6,27 +6,22 @@ site-packages, :func:`patch_basicsr_pipelines` swaps these functions for the one
 - ``parse_options``: same command line and option semantics, but a safe YAML loader, ``--force_yml`` without
   ``exec``, registry names checked up front (with close matches), and distributed initialisation that picks nccl
   on GPUs and gloo on CPU-only runs, with a clear message when ``torchrun``'s environment is missing;
-- ``load_resume_state``: maps the saved state to the run's device instead of ``torch.cuda.current_device()``;
+- ``load_resume_state``: loads the saved state onto the CPU (BasicSR maps it to ``torch.cuda.current_device()``);
+  every consumer moves its own tensors there, and optimiser step counters stay on the CPU as PyTorch expects;
 - ``BaseModel.model_to_device``: wraps CPU models in DDP without ``device_ids`` (CUDA: the local device);
 - ``BaseModel.save_network`` / ``save_training_state``: atomic writes that raise on failure (BasicSR's retry loop
   ends by ignoring the error, which loses work silently).
 """
 import argparse
-import os
 import random
-import subprocess
 from os import path as osp
 from typing import List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
+from rave_basicsr.utils.distributed import init_distributed
 from rave_basicsr.utils.file_io import torch_save_atomic
 from rave_basicsr.utils.options import OptionError, apply_overrides, close_matches_hint, load_option_file
-
-TORCHRUN_HINT = ('launch distributed runs with torchrun, e.g. '
-                 '`torchrun --nproc_per_node=2 -m rave_basicsr.cli.basicsr_cli train -opt FILE --launcher pytorch`')
-
 
 def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The flags of BasicSR's ``train.py`` / ``test.py``, with help texts."""
@@ -47,38 +42,6 @@ def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argpars
     parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:KEY=VALUE',
                         help='override options, e.g. train:ema_decay=0.999 (values are parsed as YAML)')
     return parser
-
-
-def init_distributed(launcher: str, num_gpu, dist_params: Optional[dict] = None) -> None:
-    """Initialise torch.distributed for ``torchrun`` (pytorch) or slurm launches.
-
-    The backend is nccl when the run uses GPUs and gloo otherwise; ``dist_params: {backend: ...}`` is honoured
-    on GPUs only (option files written for GPUs say nccl, which cannot run on a CPU-only machine). As in BasicSR,
-    ``dist_params: {port: ...}`` applies to slurm launches.
-    """
-    dist_params = dict(dist_params or {})
-    use_cuda = torch.cuda.is_available() and num_gpu not in (0, '0')
-    backend = dist_params.get('backend', 'nccl') if use_cuda else 'gloo'
-    if launcher == 'pytorch':
-        missing = [key for key in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT') if key not in os.environ]
-        if missing:
-            raise OptionError(f'--launcher pytorch needs the environment variables {", ".join(missing)}, which '
-                              f'torchrun sets: {TORCHRUN_HINT}.')
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    elif launcher == 'slurm':
-        if 'SLURM_PROCID' not in os.environ:
-            raise OptionError('--launcher slurm must run inside a slurm job step (srun): SLURM_PROCID is not set.')
-        proc_id, ntasks = int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
-        local_rank = proc_id % max(torch.cuda.device_count(), 1)
-        node_list = os.environ['SLURM_NODELIST']
-        os.environ.setdefault('MASTER_ADDR', subprocess.getoutput(f'scontrol show hostname {node_list} | head -n1'))
-        os.environ['MASTER_PORT'] = str(dist_params.get('port', os.environ.get('MASTER_PORT', 29500)))
-        os.environ.update(WORLD_SIZE=str(ntasks), RANK=str(proc_id), LOCAL_RANK=str(local_rank))
-    else:
-        raise OptionError(f'unknown launcher {launcher!r}; use none, pytorch or slurm.')
-    if use_cuda:
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend=backend)
 
 
 def check_registered_types(opt: dict) -> None:
@@ -173,7 +136,7 @@ def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str
 
 
 def load_resume_state(opt: dict) -> Optional[dict]:
-    """BasicSR's resume-state lookup, loading onto the run's device (CPU or the local GPU) with weights_only."""
+    """BasicSR's resume-state lookup, loading onto the CPU with weights_only (the model moves what it needs)."""
     from basicsr.utils import check_resume, scandir
 
     resume_state_path = None
@@ -189,18 +152,19 @@ def load_resume_state(opt: dict) -> Optional[dict]:
         resume_state_path = opt['path']['resume_state']
     if resume_state_path is None:
         return None
-    device = torch.device('cuda', torch.cuda.current_device()) if opt['num_gpu'] else torch.device('cpu')
-    resume_state = load_training_state(resume_state_path, device)
+    resume_state = load_training_state(resume_state_path)
     check_resume(opt, resume_state['iter'])
     return resume_state
 
 
-def load_training_state(path: str, device: torch.device) -> dict:
-    """Load a ``.state`` file with ``weights_only=True`` (BasicSR's schedulers store a Counter, allowed here)."""
+def load_training_state(path: str) -> dict:
+    """Load a ``.state`` file onto the CPU with ``weights_only=True`` (BasicSR's schedulers store a Counter,
+    allowed here). The CPU, not the run's GPU: optimisers move their state to their parameters' device themselves
+    (keeping Adam's ``step`` on the CPU, where PyTorch wants it), and RNG states must be CPU tensors."""
     from collections import Counter
 
     with torch.serialization.safe_globals([Counter]):
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
