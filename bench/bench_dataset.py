@@ -22,6 +22,7 @@ import rave_basicsr  # noqa: F401  (the torchvision shim must precede any basics
 from basicsr.data import build_dataloader, build_dataset
 from rave_basicsr.data.demo_data import bundled_photos
 from rave_basicsr.data.lmdb_util import make_lmdb
+from rave_basicsr.utils.hardware import cpu_capability
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
 
@@ -77,7 +78,7 @@ def main() -> None:
                          'lmdb_png_img_per_s': round(lmdb_rate, 1), 'lmdb_vs_folder': round(lmdb_rate / baseline, 2)})
     result = {'benchmark': 'UnpairedBacklitDataset images/s, 800x600 -> 512x512 squash resize + official '
                            'augmentation, batch 8', 'images': args.images, 'timed_epochs': args.epochs,
-              'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads 1',
+              'machine': f'{cpu_capability()}; torch threads 1',
               'folder_jpeg_MiB': round(folder_mb, 1), 'lmdb_png_MiB': round(lmdb_mb, 1),
               'lmdb_build_seconds': round(build_seconds, 2), 'rows': rows}
     os.makedirs(RESULTS, exist_ok=True)

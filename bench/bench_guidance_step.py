@@ -151,6 +151,9 @@ def main():
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--one', nargs=2, metavar=('METHOD', 'OPTION'), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import rave_basicsr  # noqa: F401
+    from rave_basicsr.utils.hardware import device_description
+
     if args.one:
         print(json.dumps(run_one(*args.one, args.size, args.batch, args.steps)))
         return
@@ -167,7 +170,7 @@ def main():
         r['loss_rel_diff_vs_rave_baseline'] = (abs(r['first_step_loss'] - base['first_step_loss'])
                                                / abs(base['first_step_loss']) if r['method'] == 'rave' else None)
     meta = {'size': args.size, 'batch': args.batch, 'steps': args.steps, 'torch': torch.__version__,
-            'machine': platform.processor() or platform.machine(), 'threads': torch.get_num_threads(),
+            'machine': device_description(torch.device(rows[0]['device'])), 'threads': torch.get_num_threads(),
             'encoders': 'ViT-B-32 (guidance) + RN101 (identity), random init, 224x224 encoder input'}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'guidance_step.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))

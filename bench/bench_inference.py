@@ -122,7 +122,7 @@ def worker(args: argparse.Namespace) -> None:
     """Run one configuration; print one JSON line (seconds per run, peak RSS) and save the output."""
     import torch
     import rave_basicsr  # noqa: F401
-    from rave_basicsr.inference.enhance import enhance_tensor, prepare_network
+    from rave_basicsr.inference.enhancer import Enhancer
 
     torch.set_num_threads(args.threads)
     network = _network()
@@ -136,10 +136,10 @@ def worker(args: argparse.Namespace) -> None:
     else:
         layout, precision = args.worker.split('_')
         tile = 0 if layout == 'whole' else args.tile
-        prepared, _ = prepare_network(network, precision)
+        enhancer = Enhancer(network, precision)
 
         def run():
-            return enhance_tensor(prepared, image, tile=tile, precision=precision, prepared=True)
+            return enhancer.enhance(image, tile=tile)
 
     times = []
     for index in range(args.repeats + (1 if args.warmup else 0)):
@@ -199,12 +199,14 @@ def main() -> None:
     parser.add_argument('--save', default='', help=argparse.SUPPRESS)
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results' / 'inference'))
     args = parser.parse_args()
+    from rave_basicsr.utils.hardware import cpu_capability
+
     if args.worker:
         worker(args)
         return
 
     megapixels = args.height * args.width / 1e6
-    report = {'machine': {'platform': platform.platform(), 'processor': platform.processor(),
+    report = {'machine': {'platform': platform.platform(), 'processor': cpu_capability(),
                           'cpu_count': os.cpu_count(), 'threads': args.threads,
                           'load_average_at_start': os.getloadavg()},
               'image': f'{args.width}x{args.height}', 'tile': args.tile, 'repeats': args.repeats,
@@ -265,7 +267,7 @@ def markdown(report: dict) -> str:
     """The short human-readable summary written beside the JSON."""
     lines = [f"# Inference benchmark ({report['image']}, tile {report['tile']}, {report['machine']['threads']} "
              f"threads, best of {report['repeats']})", '',
-             f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs; load average "
+             f"Machine: {report['machine']['processor']} ({report['machine']['platform']}); load average "
              f"{report['machine']['load_average_at_start'][0]:.1f} at start, "
              f"{report['machine']['load_average_at_end'][0]:.1f} at end (the machine is shared: absolute figures "
              'are noisy, compare within the run).',

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rave_basicsr  # noqa: E402,F401
+from rave_basicsr.utils.hardware import device_description  # noqa: E402
 from basicsr.models import build_model  # noqa: E402
 
 from tests.clip_lit_helpers import TINY_VIT, clip_lit_options  # noqa: E402
@@ -144,7 +145,8 @@ def main() -> None:
         {'outdir': str(root / 'data'), 'train_welllit': str(root / 'data' / 'train_welllit')}
     batch = {'lq': torch.rand(args.batch, 3, args.crop, args.crop, generator=torch.Generator().manual_seed(0))}
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    results = {'device': device, 'torch': torch.__version__, 'platform': platform.platform(),
+    results = {'device': device, 'hardware': device_description(torch.device(device)), 'torch': torch.__version__,
+               'platform': platform.platform(),
                'threads': torch.get_num_threads(), 'settings': vars(args), 'encoders': {}}
     for enc_name, encoders in ENCODERS.items():
         rows = {}

@@ -29,6 +29,7 @@ from rave_basicsr.data.image_source import ImageSource  # noqa: E402
 from rave_basicsr.residual.compute import (EncoderInputDataset, compute_residual, resize_only,  # noqa: E402
                                            resolve_preprocess)
 from rave_basicsr.residual.encoder_spec import build_encoder_from_spec  # noqa: E402
+from rave_basicsr.utils.hardware import device_description  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 PHOTO_SIZES = ((480, 640), (640, 480), (600, 800), (512, 512))
@@ -126,7 +127,8 @@ def main() -> None:
         'encoder': args.encoder, 'embed_dim': encoder.embed_dim, 'preprocess': cfg.to_dict(),
         'images_per_set': args.images, 'photo_sizes': PHOTO_SIZES, 'batch': args.batch,
         'device': str(device), 'gpu': torch.cuda.get_device_name(device) if device.type == 'cuda' else None,
-        'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(), 'platform': platform.platform(),
+        'hardware': device_description(device), 'cpu_threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
+        'platform': platform.platform(),
         'torch': torch.__version__, 'load_average_at_end': os.getloadavg(),
         'repeats': args.repeats, 'pure_forward_s': forward, 'pure_forward_all_s': forward_times,
         'pure_forward_images_per_s': 2 * args.images / forward, 'runs': rows,
@@ -139,7 +141,7 @@ def main() -> None:
     lines = [f'# Residual computation vs pure encoder forward ({title})',
              '', f'{args.encoder} ({encoder.embed_dim}-d), {2 * args.images} JPEG photos of {PHOTO_SIZES} px, '
              f'batch {args.batch}, {torch.get_num_threads()} torch threads. Pure forward: {forward:.2f} s '
-             f'({result["pure_forward_images_per_s"]:.1f} img/s). {os.cpu_count()} CPU cores, load average '
+             f'({result["pure_forward_images_per_s"]:.1f} img/s). {result["hardware"]}; load average '
              f'{os.getloadavg()[0]:.1f} at the end (shared machine: timings are noisy).', '',
              '| workers | compute_residual (s) | loading alone (s) | ratio to pure forward | img/s | same residual |',
              '|---:|---:|---:|---:|---:|:---:|']

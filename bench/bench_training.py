@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rave_basicsr  # noqa: E402,F401
+from rave_basicsr.utils.hardware import device_description  # noqa: E402
 from basicsr.models import build_model  # noqa: E402
 
 from tests.rave_helpers import demo_data, model_options, rave_options  # noqa: E402
@@ -90,14 +91,14 @@ def main() -> None:
         projection[enc_name] = {'default_schedule_hours_estimate': hours,
                                 'assumption': '1000 warm-up + 20000 guided iterations, batch 8 at 512 px, time '
                                               'scaled linearly in pixels from the measured crop/batch'}
-    result = {'device': device, 'cpu': platform.processor() or platform.machine(), 'threads': torch.get_num_threads(),
+    result = {'device': device, 'hardware': device_description(torch.device(device)), 'threads': torch.get_num_threads(),
               'torch': torch.__version__, 'crop': args.crop, 'batch': args.batch, 'timed_iters': args.iters,
               'rows': rows, 'projection': projection}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'training.json').write_text(json.dumps(result, indent=2))
     lines = ['# RAVE training speed', '',
-             f'Device: {device}, {result["threads"]} threads, torch {torch.__version__}; batch {args.batch}, '
+             f'Device: {result["hardware"]}, {result["threads"]} threads, torch {torch.__version__}; batch {args.batch}, '
              f'crop {args.crop} px, {args.iters} timed iterations after one untimed (random-weight encoders).', '',
              '| encoders | variant | stage | it/s | speed-up vs fp32 |', '|---|---|---|---|---|']
     for r in rows:
