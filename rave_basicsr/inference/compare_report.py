@@ -14,6 +14,7 @@ moved or served as it is:
 import csv
 import html
 import io
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
@@ -319,6 +320,11 @@ def _image_section(result: 'CompareResult', image: str) -> str:
     return ''.join(parts)
 
 
+def _code_spans(markdown: str) -> str:
+    """Escaped HTML of a line of Markdown whose only markup is `code`."""
+    return re.sub(r'`([^`]*)`', r'<code>\1</code>', html.escape(markdown))
+
+
 def html_report(result: 'CompareResult', grid: bool) -> str:
     """The whole ``index.html`` (self-contained apart from the images it shows by relative path)."""
     from rave_basicsr.inference.compare import METRICS
@@ -326,7 +332,7 @@ def html_report(result: 'CompareResult', grid: bool) -> str:
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f'<title>rave compare: {len(result.models)} models on {len(result.images)} images</title>',
              f'<style>{_STYLE}</style></head><body><h1>rave compare</h1>',
-             f'<p>{html.escape(describe_run(result))}</p><h2>Mean over images</h2>']
+             f'<p>{_code_spans(describe_run(result))}</p><h2>Mean over images</h2>']
     parts.append(_html_table(mean_table(result)) if result.metrics else '<p>No metric could be computed.</p>')
     parts.append('<p>Tables: <a href="results.csv">results.csv</a>, <a href="per_image.csv">per_image.csv</a>, '
                  '<a href="results.md">results.md</a>.</p>')
