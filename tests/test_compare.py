@@ -342,6 +342,7 @@ def test_bad_arguments_exit_2_before_any_weights_are_loaded(experiment, tmp_path
         ([str(inputs), '--weights', str(experiment), '--encoder', 'arch:ImageStatsEncoder'], '--encoder needs'),
         ([str(inputs), '--weights', str(experiment), '--residual', 'nothing.safetensors'], '--residual .*no such'),
         ([str(inputs), '--weights', f'gt={experiment}'], "label 'gt' is reserved"),
+        (['--weights', str(experiment), str(inputs)], 'INPUT_DIR is missing; give it before --weights'),
     ]
     for args, message in cases:
         assert rave_main(['compare', *args, '-o', out, '--quiet']) == 2, args

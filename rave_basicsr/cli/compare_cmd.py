@@ -13,7 +13,10 @@ HELP = 'compare networks on a test set: enhance with each, compute the metrics, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('input_dir', metavar='INPUT_DIR', help='folder of test images (not searched recursively)')
+    parser.usage = ('rave compare INPUT_DIR [--gt GT_DIR] --weights [LABEL=]SPEC [[LABEL=]SPEC ...] -o OUTDIR '
+                    '[options]')
+    parser.add_argument('input_dir', metavar='INPUT_DIR', nargs='?',
+                        help='folder of test images (not searched recursively)')
     parser.add_argument('--weights', nargs='+', action='extend', required=True, metavar='[LABEL=]NAME|PATH',
                         help=f'networks to compare (repeatable): released names ({", ".join(OFFICIAL_WEIGHTS)}), '
                         'official .pth files, BasicSR checkpoints, or experiment folders (experiments/NAME means '
@@ -53,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from rave_basicsr.utils.errors import RaveError
 
+    if args.input_dir is None:
+        raise RaveError('INPUT_DIR is missing; give it before --weights, which takes every value that follows it '
+                        '(rave compare INPUT_DIR --weights A B -o OUTDIR).')
     if args.thumb < 16:
         raise RaveError(f'--thumb {args.thumb}: use at least 16 pixels.')
     if args.grid_limit < 0:

@@ -548,8 +548,8 @@ class _Evaluator:
         """A model's output of ``source``, or None (with a problem recorded unless enhancement reported one)."""
         problem = None
         if not target.is_file():
-            if not any(p.image == source.name and (label in p.models or not p.models) for p in self.result.problems):
-                problem = f'no output {target}'
+            if not any(p.image == source.name and label in p.models for p in self.result.problems):
+                problem = f'no output {target}'  # unless enhancement reported why
         else:
             try:
                 rgb = _read_rgb(target)
