@@ -353,6 +353,9 @@ def test_bad_arguments_exit_2_before_any_weights_are_loaded(experiment, tmp_path
     assert rave_main(['compare', str(inputs), '--gt', str(tmp_path / 'other'), '--weights', str(experiment), '-o',
                       out, '--quiet']) == 2
     assert 'matched to inputs by file name' in capsys.readouterr().err
+    # the report written into the test set would be read as test images next time
+    assert rave_main(['compare', str(inputs), '--weights', str(experiment), '-o', str(inputs), '--quiet']) == 2
+    assert 'is INPUT_DIR; the report' in capsys.readouterr().err
 
 
 def test_a_checkpoint_that_does_not_fit_exits_2_before_enhancing(tmp_path, capsys):

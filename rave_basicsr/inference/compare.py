@@ -344,6 +344,10 @@ def plan_comparison(input_dir: PathLike, weights: Sequence[str], out_dir: PathLi
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RaveError(f'-o {out_dir}: exists and is not a folder.')
+    for folder, what in ((input_dir, 'INPUT_DIR'), (gt_dir, '--gt')):
+        if folder is not None and out_dir.resolve() == Path(folder).resolve():
+            raise RaveError(f'-o {out_dir} is {what}; the report\'s images would be taken for test images next time. '
+                            'Choose another output folder.')
     if not weights:
         raise RaveError('--weights: give at least one network (a released name, a .pth file or an experiment '
                         'folder).')
