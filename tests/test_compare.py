@@ -26,7 +26,7 @@ from rave_basicsr.cli.rave_cli import main as rave_main
 from rave_basicsr.inference import compare
 from rave_basicsr.inference.compare import assign_labels, resolve_model_spec, split_label
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from tests.pipeline_helpers import single_thread_env, write_options
 
 PHOTOS = ('backlit_1', 'backlit_3', 'backlit_5', 'backlit_6')  # two landscape, two portrait

@@ -9,7 +9,10 @@ import torch.nn.functional as F
 
 from rave_basicsr.archs.image_stats_encoder_arch import ImageStatsEncoder
 from rave_basicsr.guidance import encoders as enc_mod
-from rave_basicsr.guidance.encoders import (build_image_encoder, check_embedding_size, require_text_tower)
+from rave_basicsr.guidance import open_clip_encoder
+from rave_basicsr.guidance.encoders import build_image_encoder
+from rave_basicsr.guidance.frozen_encoder import check_embedding_size, require_text_tower
+from rave_basicsr.utils.file_io import file_sha256
 from rave_basicsr.guidance.preprocess import CLIP_MEAN, CLIP_STD, parse_preprocess, preprocess_images
 from rave_basicsr.utils.errors import RaveError
 
@@ -157,8 +160,8 @@ def test_identity_role_defaults_to_fp16():
 
 def test_openai_tag_gets_quick_gelu(monkeypatch):
     """OpenAI weights were trained with QuickGELU; open_clip 3.3.0 needs force_quick_gelu for them."""
-    monkeypatch.setattr(enc_mod, '_fetch_tag_weights', lambda model, tag, cache_dir: 'unused.bin')
-    monkeypatch.setattr(enc_mod, '_load_checked', lambda *args, **kwargs: None)
+    monkeypatch.setattr(open_clip_encoder, '_fetch_tag_weights', lambda model, tag, cache_dir: 'unused.bin')
+    monkeypatch.setattr(open_clip_encoder, 'load_checked', lambda *args, **kwargs: None)
     encoder = build_image_encoder({}, role='guidance')  # defaults: ViT-B-32 + openai
     acts = [type(m).__name__ for m in encoder.network.modules()]
     assert 'QuickGELU' in acts and 'GELU' not in acts
@@ -208,7 +211,7 @@ def test_local_weights_file_roundtrip_and_identity(tmp_path):
     loaded = build_image_encoder({**TINY_VIT, 'pretrained': str(path)})
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(loaded.encode_image(x), source.encode_image(x))
-    assert loaded.identity['weights_sha256'] == enc_mod.file_sha256(path)
+    assert loaded.identity['weights_sha256'] == file_sha256(path)
     assert 'init_seed' not in loaded.identity
 
 
@@ -225,7 +228,7 @@ def test_weights_file_that_does_not_fit(tmp_path):
 def test_local_dir(tmp_path):
     import json
     source = build_image_encoder({**TINY_VIT, 'seed': 5})
-    cfg = json.loads((enc_mod.CONFIG_DIR / 'rave-test-tiny-vit.json').read_text())
+    cfg = json.loads((open_clip_encoder.CONFIG_DIR / 'rave-test-tiny-vit.json').read_text())
     (tmp_path / 'open_clip_config.json').write_text(json.dumps({'model_cfg': cfg}))
     torch.save(source.network.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
     loaded = build_image_encoder({'model': f'local-dir:{tmp_path}'})

@@ -13,7 +13,7 @@ from rave_basicsr.inference.enhance import enhance_files, enhance_image, resolve
 from rave_basicsr.utils.hardware import select_device
 from rave_basicsr.inference.precision import MIXED_BF16_LAYERS, mixed_precision_copy, resolve_precision
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
 
 

@@ -30,7 +30,7 @@ from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuid
 from rave_basicsr.models import backlit_base_model
 from rave_basicsr.utils import distributed, hardware
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.options import OptionError
 from rave_basicsr.utils.pipeline import load_resume_state
 from tests.pipeline_helpers import free_port, subprocess_env, train_interrupted_and_reference, write_options

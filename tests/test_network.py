@@ -12,7 +12,7 @@ from rave_basicsr.inference import weights as weights_module
 from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS, load_enhancement_network, load_enhancement_state_dict
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import file_sha256
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
 
 torch_pad = F.pad  # the real one, for spies that wrap it

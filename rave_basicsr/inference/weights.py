@@ -15,7 +15,8 @@ from typing import Dict, Optional, Union
 import torch
 
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import file_sha256, rave_cache_dir, torch_load_safe
+from rave_basicsr.utils.checkpoint import state_dict_from_checkpoint, torch_load_safe
+from rave_basicsr.utils.file_io import file_sha256, rave_cache_dir
 
 _RAVE_URL = 'https://github.com/Atmyre/RAVE/raw/main/pretrained_models/{}'
 _CLIP_LIT_URL = 'https://github.com/ZhexinLiang/CLIP-LIT/raw/main/pretrained_models/enhancement_model.pth'
@@ -105,26 +106,6 @@ def resolve_weights(name: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
     return target
 
 
-def _strip_module_prefix(state: dict) -> 'OrderedDict[str, torch.Tensor]':
-    return OrderedDict((key[7:] if key.startswith('module.') else key, value) for key, value in state.items())
-
-
-def extract_state_dict(checkpoint, source: str) -> 'OrderedDict[str, torch.Tensor]':
-    """The network state dict inside a loaded checkpoint: a raw state dict or BasicSR's ``params_ema`` /
-    ``params`` (``params_ema`` preferred, as BasicSR does), with ``module.`` stripped."""
-    if not isinstance(checkpoint, dict):
-        raise RaveError(f'{source}: expected a state dict or a BasicSR checkpoint, found {type(checkpoint).__name__}.')
-    for key in ('params_ema', 'params'):
-        if isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-            break
-    tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise RaveError(f'{source}: contains no tensors (keys: {", ".join(map(str, list(checkpoint)[:8]))}); '
-                        'expected an enhancement-network state dict or a BasicSR checkpoint with "params".')
-    return _strip_module_prefix(tensors)
-
-
 def load_enhancement_state_dict(spec: Union[str, os.PathLike]) -> 'OrderedDict[str, torch.Tensor]':
     """The enhancement network's state dict from an official name, an official ``.pth`` or a BasicSR checkpoint."""
     text = os.fspath(spec)
@@ -133,7 +114,7 @@ def load_enhancement_state_dict(spec: Union[str, os.PathLike]) -> 'OrderedDict[s
         path = resolve_weights(text)
     elif not path.is_file():
         raise RaveError(f'weights {text!r}: no such file, and not a known name ({", ".join(OFFICIAL_WEIGHTS)}).')
-    return extract_state_dict(torch_load_safe(path, map_location='cpu'), str(path))
+    return state_dict_from_checkpoint(torch_load_safe(path), str(path))
 
 
 def check_state_dict_matches(network: torch.nn.Module, state: dict, source: str) -> None:

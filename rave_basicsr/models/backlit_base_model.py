@@ -56,7 +56,7 @@ from torchvision.utils import make_grid
 
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import encode_image, write_image_atomic
 from rave_basicsr.utils.pipeline import save_network as atomic_save_network
 

@@ -55,7 +55,7 @@ from rave_basicsr.losses.clip_guidance_loss import member_probabilities
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import torch_load_safe, torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_load_safe, torch_save_atomic
 
 GUIDANCE_TYPES = ('prompt', 'latent')
 RANK_ORDERS = ('official', 'paper')
@@ -115,7 +115,7 @@ class CLIPLITModel(BacklitBaseModel):
     # ------------------------------------------------------------------ the learnable pair
     def build_pair(self) -> torch.nn.Parameter:
         """A fresh pair (official init) or the one from ``path: pretrain_network_guidance``."""
-        from rave_basicsr.guidance.encoders import check_embedding_size, require_text_tower
+        from rave_basicsr.guidance.frozen_encoder import check_embedding_size, require_text_tower
         from rave_basicsr.guidance.prompts import init_eot_index, init_soft_prompts
 
         encoder = self.encoder('guidance_encoder')
@@ -364,7 +364,7 @@ class CLIPLITModel(BacklitBaseModel):
                 'init_sampler': self.init_sampler.state_dict(), 'pair_sampler': self.pair_sampler.state_dict()}
 
     def load_guidance_state_dict(self, state: dict) -> None:
-        from rave_basicsr.guidance.encoders import check_embedding_size
+        from rave_basicsr.guidance.frozen_encoder import check_embedding_size
 
         if state.get('type') != self.guidance_type:
             raise RaveError(f'the training state holds a "{state.get("type")}" pair but option guidance is '

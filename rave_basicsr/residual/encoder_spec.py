@@ -14,7 +14,8 @@ docs/architecture.md), or a compact form:
 import os
 from typing import Any, Dict, Optional
 
-from rave_basicsr.guidance.encoders import FrozenImageEncoder, build_image_encoder
+from rave_basicsr.guidance.encoders import build_image_encoder
+from rave_basicsr.guidance.frozen_encoder import FrozenImageEncoder
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import close_matches_hint, load_option_file
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rave_basicsr.guidance.frozen_encoder import require_text_tower as require_encoder_text_tower
 from rave_basicsr.residual.vector import ResidualVector, canonical_identity
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.file_io import rave_cache_dir
@@ -44,13 +45,14 @@ class Vocabulary:
     source: str
 
 
+#: what to do about an image-only encoder where words are needed
+WORDS_HINT = ('Computing a residual and training RAVE work with image-only encoders; to read a residual through words, '
+              'compute it with an open_clip CLIP model (--encoder open_clip:ViT-B-32:openai).')
+
+
 def require_text_tower(encoder: Any, purpose: str) -> None:
     """RaveError when ``encoder`` has no text tower: words can only be read with a CLIP-like model."""
-    if not getattr(encoder, 'has_text_tower', False):
-        raise RaveError(f'{purpose} needs an encoder with a text tower, but {canonical_identity(encoder.identity)} '
-                        'is image-only. Computing a residual and training RAVE work with image-only encoders; to '
-                        'read a residual through words, compute it with an open_clip CLIP model '
-                        '(--encoder open_clip:ViT-B-32:openai).')
+    require_encoder_text_tower(encoder, purpose, WORDS_HINT)
 
 
 def cache_dir() -> Path:

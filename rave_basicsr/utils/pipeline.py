@@ -20,7 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from rave_basicsr.utils.distributed import init_distributed
-from rave_basicsr.utils.file_io import torch_save_atomic
+from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.options import OptionError, apply_overrides, close_matches_hint, load_option_file
 
 def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argparse.ArgumentParser:
