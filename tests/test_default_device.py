@@ -90,10 +90,7 @@ def test_residual_computation(data):
 
 @pytest.fixture
 def single_process_group():
-    """A one-rank gloo group (the model's collectives run for real), with BasicSR's models able to use it on the CPU."""
-    from rave_basicsr.utils.pipeline import patch_basicsr_pipelines
-
-    patch_basicsr_pipelines()
+    """A one-rank gloo group: the model's collectives run for real."""
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
     yield
     dist.destroy_process_group()

@@ -32,7 +32,7 @@ from rave_basicsr.utils import distributed, hardware
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.options import OptionError
-from rave_basicsr.utils.pipeline import load_resume_state
+from rave_basicsr.compat.basicsr_pipelines import load_resume_state
 from tests.pipeline_helpers import free_port, subprocess_env, train_interrupted_and_reference, write_options
 from tests.rave_helpers import demo_data, model_options, rave_options
 

@@ -1,5 +1,7 @@
 """`basicsr train` / `basicsr test` end to end on the CPU: validation, auto-resume, 2-process torchrun."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,10 +55,18 @@ def test_auto_resume_continues_from_saved_iteration_on_cpu(workdir):
     assert state['iter'] == 8
 
 
+def run_module(module: str, args, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m rave_basicsr.train|test ...``: the HAT / Real-ESRGAN-style entry points."""
+    return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, capture_output=True, text=True,
+                          env=subprocess_env(), timeout=300)
+
+
 def test_basicsr_test_writes_results_and_metrics(workdir):
+    """Through the module entry points ``python -m rave_basicsr.train`` / ``rave_basicsr.test``."""
     root, lq, gt = workdir
     train_opt = write_options(root / 'train.yml', sr_training_options('fortest', lq, gt, total_iter=2, save_freq=2))
-    assert run_basicsr(['train', '-opt', str(train_opt)], cwd=root).returncode == 0
+    trained = run_module('rave_basicsr.train', ['-opt', str(train_opt)], cwd=root)
+    assert trained.returncode == 0, trained.stderr[-3000:]
     options = sr_training_options('testrun', lq, gt)
     options['datasets'] = {'test_1': dict(options['datasets']['val'], name='tiny')}
     options['path'] = {'pretrain_network_g': str(root / 'experiments/fortest/models/net_g_latest.pth'),
@@ -66,7 +76,7 @@ def test_basicsr_test_writes_results_and_metrics(workdir):
     for key in ('train', 'logger'):
         options.pop(key)
     test_opt = write_options(root / 'test.yml', options)
-    result = run_basicsr(['test', '-opt', str(test_opt)], cwd=root)
+    result = run_module('rave_basicsr.test', ['-opt', str(test_opt)], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     results = root / 'results' / 'testrun'
     assert len(list((results / 'visualization' / 'tiny').glob('*.png'))) == 4

@@ -12,7 +12,7 @@ from rave_basicsr.registration import plugin_module_names
 from rave_basicsr.utils import plugins
 from rave_basicsr.utils.options import OptionError, apply_overrides, load_option_file, load_yaml_text
 from rave_basicsr.utils.distributed import init_distributed
-from rave_basicsr.utils.pipeline import check_registered_types
+from rave_basicsr.utils.options import check_registered_types
 from tests.pipeline_helpers import subprocess_env
 
 

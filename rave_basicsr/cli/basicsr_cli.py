@@ -1,16 +1,15 @@
 """The ``basicsr`` command: BasicSR's train / test pipelines with every installed plugin loaded.
 
-Parsing and messages only; the work is BasicSR's ``train_pipeline`` / ``test_pipeline`` (patched for CPU,
-distributed CPU runs and safe option files by :mod:`rave_basicsr.utils.pipeline`) and
-:mod:`rave_basicsr.utils.plugins`.
+Parsing and messages only; the work is BasicSR's ``train_pipeline`` / ``test_pipeline`` (run and patched by
+:mod:`rave_basicsr.compat`) and :mod:`rave_basicsr.utils.plugins`.
 """
 import os
 import sys
 import traceback
 from typing import List, Optional
 
+from rave_basicsr.compat import run_basicsr_pipeline
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.pipeline import build_argument_parser
 from rave_basicsr.utils.plugins import load_plugins, registered_components
 
 USAGE = """usage: basicsr {train,test,list} ...
@@ -26,21 +25,6 @@ commands:
 `basicsr train --help` describes the flags. Distributed: torchrun --nproc_per_node=N $(which basicsr) train
 -opt FILE --launcher pytorch (nccl on GPUs, gloo on CPU-only machines).
 """
-
-
-def run_pipeline(command: str, argv: List[str]) -> None:
-    """Run BasicSR's train or test pipeline with ``argv`` as its command line, rooted at the current directory."""
-    from rave_basicsr.utils.pipeline import patch_basicsr_pipelines
-
-    build_argument_parser(is_train=command == 'train', prog=f'basicsr {command}').parse_args(argv)  # --help, errors
-    load_plugins()
-    patch_basicsr_pipelines()
-    import basicsr.test
-    import basicsr.train
-
-    sys.argv = [f'basicsr {command}'] + list(argv)
-    pipeline = basicsr.train.train_pipeline if command == 'train' else basicsr.test.test_pipeline
-    pipeline(os.getcwd())
 
 
 def print_registry_listing() -> None:
@@ -61,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command in ('train', 'test'):
-            run_pipeline(command, rest)
+            run_basicsr_pipeline(command, rest)
         elif command == 'list':
             print_registry_listing()
         else:

@@ -56,9 +56,9 @@ from torchvision.utils import make_grid
 
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.checkpoint import torch_save_atomic
+from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_save_atomic
+from rave_basicsr.utils.distributed import wrap_for_device
 from rave_basicsr.utils.image_io import encode_image, write_image_atomic
-from rave_basicsr.utils.pipeline import save_network as atomic_save_network
 
 #: metrics computed by the model itself from the output tensor (not from uint8 images)
 MODEL_METRICS = ('calculate_guidance_score',)
@@ -580,8 +580,13 @@ class BacklitBaseModel(BaseModel):
             self.save_network(self.net_g, 'net_g', current_iter)
         self.save_training_state(epoch, current_iter)
 
-    #: BasicSR's checkpoint layout (``{param_key: state_dict}``), written atomically by rank 0
-    save_network = atomic_save_network
+    def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
+        """BasicSR's checkpoint layout (``{param_key: state_dict}``), written atomically by rank 0."""
+        save_basicsr_network(self, net, net_label, current_iter, param_key)
+
+    def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
+        """BasicSR's wrapping (DDP, DataParallel), CPU DDP included."""
+        return wrap_for_device(net, self.device, self.opt)
 
     def extra_training_state(self) -> dict:
         """Everything beyond optimisers/schedulers that exact resuming needs (gathered on every rank)."""

@@ -10,7 +10,7 @@ state dict through :func:`read_state_dict`.
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, List, Mapping, Union
 
 import torch
 
@@ -96,3 +96,20 @@ def save_networks(path: Union[str, os.PathLike], networks: Dict[str, torch.nn.Mo
     torch_save_atomic({key: strip_module_prefix({name: value.cpu().contiguous()
                                                  for name, value in network.state_dict().items()})
                        for key, network in networks.items()}, path)
+
+
+def save_basicsr_network(model: Any, net: Union[torch.nn.Module, List[torch.nn.Module]], net_label: str,
+                         current_iter: int, param_key: Union[str, List[str]] = 'params') -> None:
+    """BasicSR's ``BaseModel.save_network`` (``models/{label}_{iter|latest}.pth``, same layout), written atomically by
+    rank 0 only and raising on failure (BasicSR's own retries end by ignoring the error, which loses work)."""
+    from basicsr.utils.dist_util import get_dist_info
+
+    if get_dist_info()[0] != 0:
+        return
+    nets = net if isinstance(net, list) else [net]
+    keys = param_key if isinstance(param_key, list) else [param_key]
+    if len(nets) != len(keys):
+        raise ValueError('save_network needs one param_key per network.')
+    label = 'latest' if current_iter == -1 else current_iter
+    save_networks(os.path.join(model.opt['path']['models'], f'{net_label}_{label}.pth'),
+                  {key: model.get_bare_model(one) for key, one in zip(keys, nets)})

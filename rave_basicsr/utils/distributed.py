@@ -86,6 +86,21 @@ def init_distributed(launcher: str, num_gpu, dist_params: Optional[dict] = None)
     watch_for_failures()
 
 
+def wrap_for_device(net: torch.nn.Module, device: torch.device, opt: dict) -> torch.nn.Module:
+    """A network on ``device``, wrapped as BasicSR's ``model_to_device`` does (DDP in distributed runs,
+    DataParallel for several GPUs in one process), but working for CPU DDP (gloo) too: no ``device_ids`` there."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    net = net.to(device)
+    if opt['dist']:
+        device_ids = [torch.cuda.current_device()] if device.type == 'cuda' else None
+        return DistributedDataParallel(net, device_ids=device_ids,
+                                       find_unused_parameters=opt.get('find_unused_parameters', False))
+    if opt['num_gpu'] > 1:
+        return DataParallel(net)
+    return net
+
+
 #: the store key a failing rank writes its message under
 FAILURE_KEY = 'rave_basicsr/failure'
 #: how often each rank looks for that key (seconds)

@@ -1,10 +1,12 @@
-"""Safe reading of BasicSR option files and ``--force_yml`` overrides.
+"""BasicSR's command line and option files, read safely: the flags of ``train.py`` / ``test.py``, option files,
+``--force_yml`` overrides and the registry names they use.
 
 BasicSR 1.4.2 reads option files with PyYAML's full ``Loader`` (which builds arbitrary Python objects from
 ``!!python/...`` tags) and applies ``--force_yml`` with ``exec``. This module keeps BasicSR's semantics (key order
 kept, ``!!float 1e-4`` read as a float, ``--force_yml a:b=value`` sets ``opt['a']['b']``) without executing
 anything from the file or the command line.
 """
+import argparse
 import difflib
 from collections import OrderedDict
 from os import path as osp
@@ -101,3 +103,51 @@ def close_matches_hint(name: str, candidates: Iterable[str]) -> str:
     """A '; did you mean ...' suffix listing close matches, or an empty string."""
     matches = difflib.get_close_matches(str(name), [str(c) for c in candidates], n=4, cutoff=0.5)
     return f'; did you mean {", ".join(repr(m) for m in matches)}?' if matches else ''
+
+
+def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The flags of BasicSR's ``train.py`` / ``test.py``, with help texts."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=('Train a model with BasicSR\'s training loop.' if is_train else
+                     'Test a model with BasicSR\'s test pipeline (writes results/<name>/).'),
+        epilog='Experiments, results and tensorboard logs are written under the current directory.')
+    parser.add_argument('-opt', required=True, metavar='FILE', help='path to the option YAML file')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
+                        help='job launcher: none (single process), pytorch (started by torchrun) or slurm (srun)')
+    parser.add_argument('--auto_resume', action='store_true',
+                        help='resume from the newest training state in experiments/<name>/training_states')
+    parser.add_argument('--debug', action='store_true',
+                        help='debug mode: name prefixed by debug_, print/save/validate every few iterations')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help='accepted for torch.distributed.launch; torchrun passes LOCAL_RANK instead')
+    parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:KEY=VALUE',
+                        help='override options, e.g. train:ema_decay=0.999 (values are parsed as YAML)')
+    return parser
+
+
+def check_registered_types(opt: dict) -> None:
+    """Fail before any work when a ``type`` / ``model_type`` names nothing registered, listing close matches."""
+    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
+
+    def check(registry, name, where):
+        if name is None:
+            return
+        if name not in registry and f'{name}_basicsr' not in registry:
+            raise OptionError(f'{where}: {name!r} is not in BasicSR\'s {registry._name} registry'
+                              f'{close_matches_hint(name, registry.keys())} '
+                              '(run `basicsr list` to see every registered name; is the plugin installed?)')
+
+    check(MODEL_REGISTRY, opt.get('model_type', 'SRModel'), 'model_type')
+    for key, value in opt.items():
+        if key.startswith('network_') and isinstance(value, dict):
+            check(ARCH_REGISTRY, value.get('type'), f'{key}:type')
+    for phase, dataset_opt in (opt.get('datasets') or {}).items():
+        if isinstance(dataset_opt, dict):
+            check(DATASET_REGISTRY, dataset_opt.get('type'), f'datasets:{phase}:type')
+    for key, value in (opt.get('train') or {}).items():
+        if key.endswith('_opt') and isinstance(value, dict) and 'type' in value:
+            check(LOSS_REGISTRY, value['type'], f'train:{key}:type')
+    for name, metric_opt in ((opt.get('val') or {}).get('metrics') or {}).items():
+        if isinstance(metric_opt, dict):
+            check(METRIC_REGISTRY, metric_opt.get('type'), f'val:metrics:{name}:type')

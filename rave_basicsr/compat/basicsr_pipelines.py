@@ -1,74 +1,22 @@
-"""Run BasicSR's own ``train_pipeline`` / ``test_pipeline`` safely, on CPU as on CUDA, alone or distributed.
+"""Patches of BasicSR 1.4.2's training and test pipelines, and running them (see :mod:`rave_basicsr.compat`).
 
-BasicSR 1.4.2's pipelines assume CUDA in three places and trust their option files completely. Rather than edit
-site-packages, :func:`patch_basicsr_pipelines` swaps these functions for the ones below, inside this process only:
-
-- ``parse_options``: same command line and option semantics, but a safe YAML loader, ``--force_yml`` without
-  ``exec``, registry names checked up front (with close matches), and distributed initialisation that picks nccl
-  on GPUs and gloo on CPU-only runs, with a clear message when ``torchrun``'s environment is missing;
-- ``load_resume_state``: loads the saved state onto the CPU (BasicSR maps it to ``torch.cuda.current_device()``);
-  every consumer moves its own tensors there, and optimiser step counters stay on the CPU as PyTorch expects;
-- ``BaseModel.model_to_device``: wraps CPU models in DDP without ``device_ids`` (CUDA: the local device);
-- ``BaseModel.save_network`` / ``save_training_state``: atomic writes that raise on failure (BasicSR's retry loop
-  ends by ignoring the error, which loses work silently).
+BasicSR's ``train_pipeline`` / ``test_pipeline`` assume CUDA in several places and trust their option files
+completely. Rather than edit site-packages, :func:`patch_basicsr_pipelines` swaps the functions below into
+BasicSR's modules, inside this process only; :func:`run_basicsr_pipeline` applies them and runs a pipeline.
 """
 import argparse
+import os
 import random
+import sys
 from os import path as osp
 from typing import List, Optional, Tuple
 
 import torch
 
-from rave_basicsr.utils.distributed import init_distributed
-from rave_basicsr.utils.checkpoint import torch_save_atomic
-from rave_basicsr.utils.options import OptionError, apply_overrides, close_matches_hint, load_option_file
-
-def build_argument_parser(is_train: bool, prog: Optional[str] = None) -> argparse.ArgumentParser:
-    """The flags of BasicSR's ``train.py`` / ``test.py``, with help texts."""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=('Train a model with BasicSR\'s training loop.' if is_train else
-                     'Test a model with BasicSR\'s test pipeline (writes results/<name>/).'),
-        epilog='Experiments, results and tensorboard logs are written under the current directory.')
-    parser.add_argument('-opt', required=True, metavar='FILE', help='path to the option YAML file')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
-                        help='job launcher: none (single process), pytorch (started by torchrun) or slurm (srun)')
-    parser.add_argument('--auto_resume', action='store_true',
-                        help='resume from the newest training state in experiments/<name>/training_states')
-    parser.add_argument('--debug', action='store_true',
-                        help='debug mode: name prefixed by debug_, print/save/validate every few iterations')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
-                        help='accepted for torch.distributed.launch; torchrun passes LOCAL_RANK instead')
-    parser.add_argument('--force_yml', nargs='+', default=None, metavar='KEY:KEY=VALUE',
-                        help='override options, e.g. train:ema_decay=0.999 (values are parsed as YAML)')
-    return parser
-
-
-def check_registered_types(opt: dict) -> None:
-    """Fail before any work when a ``type`` / ``model_type`` names nothing registered, listing close matches."""
-    from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
-
-    def check(registry, name, where):
-        if name is None:
-            return
-        if name not in registry and f'{name}_basicsr' not in registry:
-            raise OptionError(f'{where}: {name!r} is not in BasicSR\'s {registry._name} registry'
-                              f'{close_matches_hint(name, registry.keys())} '
-                              '(run `basicsr list` to see every registered name; is the plugin installed?)')
-
-    check(MODEL_REGISTRY, opt.get('model_type', 'SRModel'), 'model_type')
-    for key, value in opt.items():
-        if key.startswith('network_') and isinstance(value, dict):
-            check(ARCH_REGISTRY, value.get('type'), f'{key}:type')
-    for phase, dataset_opt in (opt.get('datasets') or {}).items():
-        if isinstance(dataset_opt, dict):
-            check(DATASET_REGISTRY, dataset_opt.get('type'), f'datasets:{phase}:type')
-    for key, value in (opt.get('train') or {}).items():
-        if key.endswith('_opt') and isinstance(value, dict) and 'type' in value:
-            check(LOSS_REGISTRY, value['type'], f'train:{key}:type')
-    for name, metric_opt in ((opt.get('val') or {}).get('metrics') or {}).items():
-        if isinstance(metric_opt, dict):
-            check(METRIC_REGISTRY, metric_opt.get('type'), f'val:metrics:{name}:type')
+from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_save_atomic
+from rave_basicsr.utils.distributed import init_distributed, wrap_for_device
+from rave_basicsr.utils.options import (OptionError, apply_overrides, build_argument_parser, check_registered_types,
+                                        load_option_file)
 
 
 def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str]] = None) -> Tuple[dict, argparse.Namespace]:
@@ -168,36 +116,13 @@ def load_training_state(path: str) -> dict:
 
 
 def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
-    """``BaseModel.model_to_device`` that also works for CPU DDP (gloo): no ``device_ids`` there."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
-
-    net = net.to(self.device)
-    if self.opt['dist']:
-        find_unused = self.opt.get('find_unused_parameters', False)
-        device_ids = [torch.cuda.current_device()] if self.device.type == 'cuda' else None
-        net = DistributedDataParallel(net, device_ids=device_ids, find_unused_parameters=find_unused)
-    elif self.opt['num_gpu'] > 1:
-        net = DataParallel(net)
-    return net
+    """``BaseModel.model_to_device`` that also works for CPU DDP (gloo): see :func:`wrap_for_device`."""
+    return wrap_for_device(net, self.device, self.opt)
 
 
 def save_network(self, net, net_label: str, current_iter: int, param_key='params') -> None:
     """``BaseModel.save_network`` (same file name and layout), written atomically by rank 0 only."""
-    from basicsr.utils.dist_util import get_dist_info
-
-    if get_dist_info()[0] != 0:
-        return
-    nets = net if isinstance(net, list) else [net]
-    param_keys = param_key if isinstance(param_key, list) else [param_key]
-    if len(nets) != len(param_keys):
-        raise ValueError('save_network needs one param_key per network.')
-    save_dict = {}
-    for net_, key in zip(nets, param_keys):
-        state_dict = self.get_bare_model(net_).state_dict()
-        save_dict[key] = {(name[7:] if name.startswith('module.') else name): value.cpu().contiguous()
-                          for name, value in state_dict.items()}
-    label = 'latest' if current_iter == -1 else current_iter
-    torch_save_atomic(save_dict, osp.join(self.opt['path']['models'], f'{net_label}_{label}.pth'))
+    save_basicsr_network(self, net, net_label, current_iter, param_key)
 
 
 def save_training_state(self, epoch: int, current_iter: int) -> None:
@@ -224,3 +149,19 @@ def patch_basicsr_pipelines() -> None:
     BaseModel.model_to_device = model_to_device
     BaseModel.save_network = save_network
     BaseModel.save_training_state = save_training_state
+
+
+def run_basicsr_pipeline(command: str, argv: List[str]) -> None:
+    """Run BasicSR's ``train`` or ``test`` pipeline with ``argv`` as its command line, rooted at the current
+    directory, with every installed plugin loaded and the patches above applied."""
+    from rave_basicsr.utils.plugins import load_plugins
+
+    build_argument_parser(is_train=command == 'train', prog=f'basicsr {command}').parse_args(argv)  # --help, errors
+    load_plugins()
+    patch_basicsr_pipelines()
+    import basicsr.test
+    import basicsr.train
+
+    sys.argv = [f'basicsr {command}'] + list(argv)
+    pipeline = basicsr.train.train_pipeline if command == 'train' else basicsr.test.test_pipeline
+    pipeline(os.getcwd())
