@@ -148,7 +148,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     if getattr(model, 'residual', None) is not None:
         dump.update(residual=model.residual.cpu(), threshold=model.threshold)
     if getattr(model, 'pair_param', None) is not None:
-        dump.update(pair=model.pair_param.detach().cpu(), bank=dict(model.bank))
+        dump.update(pair=model.pair_param.detach().cpu(), bank=dict(model.bank.rounds))
     torch.save(dump, f'rank{os.environ["RANK"]}.pt')
     sys.exit(code)
 ''')

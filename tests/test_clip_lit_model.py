@@ -75,31 +75,31 @@ def test_stages_change_at_configured_iterations_and_ranking_uses_earlier_rounds(
     # round 1: backlit, well-lit and round 1's results (3 sets); round 2: round 2's and round 1's (4 sets)
     assert [(r, sorted(sets)) for r, sets in recorder.calls] == \
         [(0, ['backlit', 'newest', 'welllit'])] * 3 + [(1, ['backlit', 'newest', 'previous', 'welllit'])] * 3
-    assert sorted(model.bank) == [0, 1]
-    assert not torch.equal(model.bank[0], model.bank[1])  # the network changed between the rounds
+    assert sorted(model.bank.rounds) == [0, 1]
+    assert not torch.equal(model.bank.rounds[0], model.bank.rounds[1])  # the network changed between the rounds
     rows = model.pair_data.pairs
     last_round, last_sets = recorder.calls[-1]
     sampler_rows = [rows[i][0] for i in range(len(rows))]
     for name, bank_round in (('newest', 1), ('previous', 0)):
-        matches = [any(torch.equal(vector, model.bank[bank_round][r]) for r in sampler_rows)
+        matches = [any(torch.equal(vector, model.bank.rounds[bank_round][r]) for r in sampler_rows)
                    for vector in last_sets[name]]
         assert all(matches), name
     # the bank holds the outputs' normalised features of every backlit image at results:size
-    assert model.bank[1].shape == (4, model.encoder('guidance_encoder').embed_dim)
-    torch.testing.assert_close(model.bank[1].norm(dim=1), torch.ones(4))
+    assert model.bank.rounds[1].shape == (4, model.encoder('guidance_encoder').embed_dim)
+    torch.testing.assert_close(model.bank.rounds[1].norm(dim=1), torch.ones(4))
 
 
 def test_bank_features_are_the_network_outputs_at_result_size(data, tmp_path):
     options = clip_lit_options('bank', data, stages=(1, 1, 2, 1), results={'at': 'end'})
     model = build(options, tmp_path)
     run(model, options, 4)
-    assert list(model.bank) == [0]
+    assert list(model.bank.rounds) == [0]
     source = ImageSource(data['train_backlit'])
     images = torch.stack([to_tensor(prepare_size(source.read(i).rgb, 32, None, 'upscale', '')) for i in
                           range(len(source))])
     with torch.no_grad():
         expected = F.normalize(model.encoder('guidance_encoder').encode_image(model.net_g(images)), dim=-1)
-    torch.testing.assert_close(model.bank[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.bank.rounds[0], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_init_separates_held_out_backlit_and_welllit(data, tmp_path):

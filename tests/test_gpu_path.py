@@ -27,7 +27,7 @@ from rave_basicsr.inference.enhancer import Enhancer
 from rave_basicsr.inference.precision import resolve_precision
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
                                                     PromptRankingLoss, ResidualVectorLoss)
-from rave_basicsr.models import backlit_base_model
+from rave_basicsr.models import backlit_base_model, training_state
 from rave_basicsr.utils import distributed, hardware
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
@@ -99,10 +99,10 @@ class DeviceTensorStandIn:
 
 
 def test_rng_state_restores_from_tensors_on_any_device():
-    state = backlit_base_model.rng_state()
+    state = training_state.rng_state()
     expected = np.random.random()
     state['numpy'][1] = DeviceTensorStandIn(state['numpy'][1])
-    backlit_base_model.set_rng_state(state)
+    training_state.set_rng_state(state)
     assert np.random.random() == expected
 
 
@@ -280,11 +280,11 @@ def test_an_error_on_one_rank_ends_every_rank_within_seconds(tmp_path):
 # ------------------------------------------------------------------------------------------------ 7. CUDA RNG states
 def test_cuda_rng_state_is_the_current_devices_and_resumes_with_fewer_gpus(monkeypatch):
     fake = FakeCuda(monkeypatch, count=2, current=1)
-    state = backlit_base_model.rng_state()
+    state = training_state.rng_state()
     assert torch.equal(state['cuda'], fake.rng_states[1])  # this rank's generator only
     FakeCuda(monkeypatch, count=1)  # resumed on a machine (or CUDA_VISIBLE_DEVICES) with one GPU
     restorer = FakeCuda(monkeypatch, count=1)
-    backlit_base_model.set_rng_state(state)
+    training_state.set_rng_state(state)
     assert len(restorer.restored) == 1 and torch.equal(restorer.restored[0][1], fake.rng_states[1])
 
 

@@ -104,9 +104,30 @@ def test_warmup_guard_revives_a_dead_network(data, tmp_path):
     model.optimize_parameters(1)
     model.feed_data(batch)
     model.optimize_parameters(2)  # the guard fires after this iteration (PSNR of a white output is below 40 dB)
-    assert model.reinit_count >= 1 and model.optimizer_by_name[key] is not optimizer
+    assert model.warmup_guard.count >= 1 and model.optimizer_by_name[key] is not optimizer
     bound = 1 / math.sqrt(32 * 9)  # PyTorch's default bias range for cond_add1
     assert -bound <= float(net.cond_add1.bias) <= bound
+
+
+def test_learning_rate_schedule_goes_on_after_a_reinitialisation(data, tmp_path):
+    """The re-initialised network gets a fresh optimiser; the configured scheduler must drive that one (it used
+    to keep stepping the discarded optimiser, so the schedule silently stopped)."""
+    options = rave_options('resched', data, warmup_iters=50, crop=32)
+    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
+    options['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': [3, 4], 'gamma': 0.5}
+    model = build(options, tmp_path)
+    with torch.no_grad():
+        model.get_bare_model(model.net_g).cond_add1.bias.fill_(-1.0)  # dead: the guard fires at iteration 2
+    batch = train_batch(options)
+    lrs = []
+    for it in range(1, 6):
+        model.update_learning_rate(it)
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+        lrs.append(model.optimizer_by_name['net_g'].param_groups[0]['lr'])
+    assert model.warmup_guard.count >= 1
+    assert lrs == pytest.approx([2e-5, 2e-5, 2e-5, 1e-5, 5e-6])  # BasicSR steps schedulers from iteration 2
+    assert model.schedulers[0].optimizer is model.optimizer_by_name['net_g']
 
 
 def test_nan_loss_stops_before_touching_the_weights(data, tmp_path, monkeypatch):

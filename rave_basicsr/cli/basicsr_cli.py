@@ -3,7 +3,6 @@
 Parsing and messages only; the work is BasicSR's ``train_pipeline`` / ``test_pipeline`` (run and patched by
 :mod:`rave_basicsr.compat`) and :mod:`rave_basicsr.utils.plugins`.
 """
-import os
 import sys
 import traceback
 from typing import List, Optional

@@ -40,10 +40,9 @@ train:
   ranking_opt: {type: PromptRankingLoss, loss_weight: 200}
 ```
 """
-import math
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from os import path as osp
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,8 +50,10 @@ import torch.nn.functional as F
 from basicsr.losses import build_loss
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from rave_basicsr.data.epoch_sampler import EpochSampler
 from rave_basicsr.losses.clip_guidance_loss import member_probabilities
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
+from rave_basicsr.models.results_bank import ResultsBank
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_load_safe, torch_save_atomic
@@ -66,36 +67,6 @@ DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 
 DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
 #: keys under which saved pairs are accepted (ours, the original CLIP-LIT ``Prompts`` module, RAVE's latents)
 PAIR_KEYS = ('pair', 'embedding_prompt', 'guidance_embeddings')
-
-
-class EpochSampler:
-    """Batches of indices from per-epoch random permutations (drop_last), resumable from two integers.
-
-    The prompt stages draw their batches here rather than from a DataLoader so that the position is part of the
-    training state and a resumed run sees the same batches.
-    """
-
-    def __init__(self, length: int, batch_size: int, seed: int) -> None:
-        if batch_size > length:
-            raise RaveError(f'prompt_data:batch_size ({batch_size}) is larger than the prompt data set '
-                            f'({length} items); lower it.')
-        self.length, self.batch_size, self.seed = length, batch_size, seed
-        self.epoch, self.position = 0, 0
-
-    def next(self) -> List[int]:
-        if self.position + self.batch_size > self.length:
-            self.epoch, self.position = self.epoch + 1, 0
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.length, generator=generator)
-        batch = order[self.position:self.position + self.batch_size].tolist()
-        self.position += self.batch_size
-        return batch
-
-    def state_dict(self) -> dict:
-        return {'epoch': self.epoch, 'position': self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state['epoch']), int(state['position'])
 
 
 @MODEL_REGISTRY.register()
@@ -198,11 +169,8 @@ class CLIPLITModel(BacklitBaseModel):
         self.init_sampler = EpochSampler(len(self.init_data), batch_size, seed)
         self.pair_sampler = EpochSampler(len(self.pair_data), batch_size, seed + 7919)
 
-        self.bank: Dict[int, torch.Tensor] = OrderedDict()   # round -> [N_backlit, D] normalised features
-        self.loss_window = deque(maxlen=results['window'])
-        self.best_score = -math.inf
+        self.bank = ResultsBank(results['window'], results['display_iter'])
         self.frozen_pair: Optional[torch.Tensor] = None
-        self.last_ranking_sets: List[str] = []
 
     @staticmethod
     def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -274,13 +242,6 @@ class CLIPLITModel(BacklitBaseModel):
         l_id = self.cri_identity(self.identity_features(self.output), target)
         return l_clip + l_id, OrderedDict(l_clip=l_clip, l_id=l_id)
 
-    def ranking_sets(self) -> Tuple[Optional[int], Optional[int]]:
-        """The rounds whose results enter this prompt stage: (newest I_t, previous I_{t-1}), None where absent."""
-        current = self.schedule.round
-        newest = current if current in self.bank else None
-        previous = current - 1 if newest is not None and current - 1 in self.bank else None
-        return newest, previous
-
     def ranking_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage C-2: 200·rank loss on backlit / well-lit couples plus the latest rounds' results."""
         indices = self.pair_sampler.next()
@@ -288,34 +249,25 @@ class CLIPLITModel(BacklitBaseModel):
         backlit = self.encode_normalised(torch.stack([item['backlit'] for item in items]))
         welllit = self.encode_normalised(torch.stack([item['welllit'] for item in items]))
         rows = torch.tensor([self.pair_data.pairs[i][0] for i in indices])
-        newest, previous = self.ranking_sets()
+        newest, previous = self.bank.ranking_sets(self.schedule.round)
         sets = {'backlit': backlit, 'welllit': welllit}
         if newest is not None:
-            sets['newest'] = self.bank[newest][rows].to(self.device)
+            sets['newest'] = self.bank.rounds[newest][rows].to(self.device)
         if previous is not None:
-            sets['previous'] = self.bank[previous][rows].to(self.device)
-        self.last_ranking_sets = [f'round{newest}' if k == 'newest' else f'round{previous}' if k == 'previous'
-                                  else k for k in sets]
+            sets['previous'] = self.bank.rounds[previous][rows].to(self.device)
         loss = self.cri_ranking(self.guidance_pair(), **sets)
         return loss, {'l_rank': loss}
 
     # ------------------------------------------------------------------ results of the rounds (feature bank)
-    def optimize_parameters(self, current_iter: int) -> None:
-        stage, round_ = self.schedule.current, self.schedule.round
-        position = (self.schedule.index, self.schedule.round)
-        done = self.schedule.iter_in_stage + 1
-        super().optimize_parameters(current_iter)
-        if stage.name != 'network':
-            return
-        ended = (self.schedule.index, self.schedule.round) != position or self.schedule.finished
-        if self.results_opt['at'] == 'best':
-            self.loss_window.append(-self.monitored_loss)
-            if done % self.results_opt['display_iter'] == 0:
-                score = sum(self.loss_window) / len(self.loss_window)
-                if score > self.best_score:
-                    self.best_score = score
-                    self.record_results(round_, current_iter)
-        elif ended:
+    def on_iteration_end(self, stage: StageSpec, iteration_in_stage: int, current_iter: int) -> None:
+        """``results: at: best``: record the results at the network stage's best-model events."""
+        if (stage.name == 'network' and self.results_opt['at'] == 'best'
+                and self.bank.is_best(self.monitored_loss, iteration_in_stage)):
+            self.record_results(self.schedule.round, current_iter)
+
+    def on_stage_end(self, stage: StageSpec, round_: int, current_iter: int) -> None:
+        """``results: at: end``: record the results once, when the network stage ends."""
+        if stage.name == 'network' and self.results_opt['at'] == 'end':
             self.record_results(round_, current_iter)
 
     def record_results(self, round_: int, current_iter: int) -> None:
@@ -338,29 +290,24 @@ class CLIPLITModel(BacklitBaseModel):
                                                              source.path(i))) for i in range(start, stop)])
                 features.append(self.encode_normalised(net(images.to(self.device)).float()).cpu())
         net.train(was_training)
-        self.bank[round_] = torch.cat(features)
-        for old in [r for r in self.bank if r < round_ - 1]:
-            del self.bank[old]
+        self.bank.record(round_, torch.cat(features))
         self.logger.info(f'Iteration {current_iter}: results of round {round_ + 1} recorded '
                          f'({len(source)} backlit images at {size}²; feature bank holds rounds '
-                         f'{[r + 1 for r in self.bank]}).')
+                         f'{[r + 1 for r in self.bank.rounds]}).')
 
     def on_stage_start(self, stage: StageSpec) -> None:
         if stage.name == 'network':
             self.frozen_pair = None
-            self.loss_window.clear()
-            self.best_score = -math.inf
+            self.bank.start_stage()
         if stage.name == 'prompt':
-            newest, previous = self.ranking_sets()
+            newest, previous = self.bank.ranking_sets(self.schedule.round)
             self.logger.info(f'Prompt refinement of round {self.schedule.round + 1} ranks backlit, well-lit' +
                              ('' if newest is None else f' and the results of round {newest + 1}') +
                              ('' if previous is None else f' and {previous + 1}') + '.')
 
     # ------------------------------------------------------------------ state
     def guidance_state_dict(self) -> dict:
-        return {'type': self.guidance_type, 'pair': self.pair_param.detach().cpu().clone(),
-                'bank': {str(r): f.clone() for r, f in self.bank.items()},
-                'loss_window': list(self.loss_window), 'best_score': self.best_score,
+        return {'type': self.guidance_type, 'pair': self.pair_param.detach().cpu().clone(), **self.bank.state_dict(),
                 'init_sampler': self.init_sampler.state_dict(), 'pair_sampler': self.pair_sampler.state_dict()}
 
     def load_guidance_state_dict(self, state: dict) -> None:
@@ -377,10 +324,7 @@ class CLIPLITModel(BacklitBaseModel):
                             f'{list(self.pair_param.shape)}; resume with the option file of the interrupted run.')
         with torch.no_grad():
             self.pair_param.copy_(pair.to(self.device))
-        self.bank = OrderedDict((int(r), f) for r, f in state['bank'].items())
-        self.loss_window.clear()
-        self.loss_window.extend(state['loss_window'])
-        self.best_score = float(state['best_score'])
+        self.bank.load_state_dict(state)
         self.init_sampler.load_state_dict(state['init_sampler'])
         self.pair_sampler.load_state_dict(state['pair_sampler'])
         self.frozen_pair = None

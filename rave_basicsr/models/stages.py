@@ -19,8 +19,8 @@ How a model declares its schedule (``BacklitBaseModel.define_stages`` returns a 
 * :meth:`StageSchedule.extend` lengthens the current stage from outside (the warm-up re-initialisation guard adds
   100 iterations this way).
 """
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 from rave_basicsr.utils.errors import RaveError
 
@@ -34,7 +34,6 @@ class StageSpec:
     extend_by: int = 0
     extend_threshold: Optional[float] = None
     max_extensions: Optional[int] = None
-    options: Dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.length is not None and (not isinstance(self.length, int) or self.length < 0):
@@ -176,7 +175,3 @@ class StageSchedule:
         self.extensions = int(state['extensions'])
         self.finished = bool(state['finished'])
         self.history = [dict(item) for item in state['history']]
-
-    def spec_dicts(self) -> List[dict]:
-        """The declared stages as dicts (for logs)."""
-        return [asdict(spec) for spec in self.specs]
