@@ -149,6 +149,34 @@ def test_bad_inputs_are_reported_and_the_rest_processed(weights_file, tmp_path, 
     assert 'empty (0 bytes)' in captured
 
 
+def test_inputs_are_checked_before_any_weights_are_fetched(tmp_path, capsys, monkeypatch):
+    """A missing path or a folder without images is reported as such, exit 1, and the (default, downloadable)
+    weights are never looked up."""
+    def no_download(*args, **kwargs):
+        raise AssertionError('weights were fetched although there is nothing to enhance')
+
+    monkeypatch.setattr('rave_basicsr.inference.enhance.load_enhancement_network', no_download)
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'notes').mkdir()
+    (tmp_path / 'notes' / 'readme.txt').write_text('no images here')
+    code = rave_main(['enhance', str(tmp_path / 'empty'), str(tmp_path / 'notes'), str(tmp_path / 'nowhere'), '-o',
+                      str(tmp_path / 'out'), '--device', 'cpu', '--quiet'])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert f'FAILED  {tmp_path / "empty"}: no images found' in out
+    assert f'FAILED  {tmp_path / "notes"}: no images found' in out and '--recursive' in out
+    assert f'FAILED  {tmp_path / "nowhere"}: no such file or folder' in out
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / 'p.png'), _rgb())
+    code = rave_main(['enhance', str(tmp_path / 'p.png'), '-o', str(tmp_path / 'o'), '--weights',
+                      str(tmp_path / 'p.png'), '--device', 'cpu', '--quiet'])
+    err = capsys.readouterr().err
+    assert code == 2 and 'p.png\' is not a PyTorch checkpoint (it is an image)' in err
+    assert 'pickled' not in err
+
+
 def test_existing_outputs_skipped_unless_overwrite(weights_file, tmp_path, capsys):
     cv2.imwrite(str(tmp_path / 'photo.png'), _rgb())
     out = tmp_path / 'out'

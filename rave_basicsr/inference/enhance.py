@@ -20,7 +20,7 @@ from rave_basicsr.inference.enhancer import Enhancer, resolve_tile
 from rave_basicsr.inference.weights import load_enhancement_network
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.hardware import select_device
-from rave_basicsr.utils.image_io import encode_image, is_image_file, read_image, write_image_atomic
+from rave_basicsr.utils.image_io import IMAGE_EXTENSIONS, encode_image, is_image_file, read_image, write_image_atomic
 
 #: output formats: name -> file extension ('same' keeps the input's)
 OUTPUT_FORMATS = {'png': '.png', 'jpg': '.jpg', 'tiff': '.tiff', 'webp': '.webp', 'bmp': '.bmp'}
@@ -80,7 +80,7 @@ class EnhanceSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and bool(self.written or self.skipped)
 
     def describe(self) -> str:
         """One-paragraph summary for people."""
@@ -97,8 +97,9 @@ class EnhanceSummary:
 def collect_inputs(inputs: Sequence[Union[str, os.PathLike]], recursive: bool = False
                    ) -> Tuple[List[Tuple[Path, Path]], List[Tuple[str, str]]]:
     """``(input file, output path relative to the output folder without extension)`` pairs, and the inputs that
-    do not exist. Folders contribute their image files (sub-folders too with ``recursive``, keeping the tree);
-    files given by name are taken whatever their extension (an unreadable one then fails by name)."""
+    give nothing: missing paths and folders without images. Folders contribute their image files (sub-folders too
+    with ``recursive``, keeping the tree); files given by name are taken whatever their extension (an unreadable one
+    then fails by name)."""
     found, missing = [], []
     for item in inputs:
         path = Path(item)
@@ -106,8 +107,11 @@ def collect_inputs(inputs: Sequence[Union[str, os.PathLike]], recursive: bool = 
             found.append((path, Path(path.stem)))
         elif path.is_dir():
             candidates = path.rglob('*') if recursive else path.iterdir()
-            for file in sorted(p for p in candidates if p.is_file() and is_image_file(p.name)):
-                found.append((file, file.relative_to(path).with_suffix('')))
+            images = sorted(p for p in candidates if p.is_file() and is_image_file(p.name))
+            found += [(file, file.relative_to(path).with_suffix('')) for file in images]
+            if not images:
+                missing.append((str(path), f'no images found (files ending in {", ".join(IMAGE_EXTENSIONS)}'
+                                           + (')' if recursive else '; --recursive also searches sub-folders)')))
         else:
             missing.append((str(path), 'no such file or folder'))
     return found, missing
@@ -152,10 +156,13 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
     torch_device = select_device(device)
     output_extension(Path('x.png'), output_format)
     resolve_tile(tile, 1, 1)
-    network = load_enhancement_network(weights, outer_padding, division_eps, torch_device)
-    enhancer = Enhancer(network, precision)
     jobs, missing = collect_inputs(inputs, recursive)
     summary = EnhanceSummary(failed=list(missing))
+    if not jobs:  # nothing to enhance: say so before loading (or downloading) any weights
+        summary.seconds = time.perf_counter() - started
+        return summary
+    network = load_enhancement_network(weights, outer_padding, division_eps, torch_device)
+    enhancer = Enhancer(network, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     planned = {}

@@ -16,6 +16,11 @@ import torch
 
 from rave_basicsr.utils.errors import RaveError
 
+#: how a torch.save file begins: a zip archive (PyTorch >= 1.6) or a pickle (older files)
+TORCH_ZIP_MAGIC, PICKLE_MAGIC = b'PK\x03\x04', b'\x80'
+#: the first bytes of PNG, JPEG, TIFF and WebP/RIFF files (for the message when an image is given as weights)
+IMAGE_MAGICS = (b'\x89PNG', b'\xff\xd8\xff\xe0', b'\xff\xd8\xff\xe1', b'\xff\xd8\xff\xdb', b'II*\x00', b'MM\x00*',
+                b'RIFF')
 #: where checkpoints nest their state dict, in the order they are preferred (BasicSR prefers the EMA weights)
 STATE_DICT_KEYS = ('params_ema', 'params', 'state_dict', 'model')
 
@@ -42,6 +47,12 @@ def torch_load_safe(path: Union[str, os.PathLike], map_location: Any = 'cpu') ->
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise RaveError(f'checkpoint {path!r} does not exist.')
+    with open(path, 'rb') as stream:
+        head = stream.read(4)
+    if not (head.startswith(TORCH_ZIP_MAGIC) or head[:1] == PICKLE_MAGIC):
+        kind = 'an empty file' if not head else 'an image' if head[:4] in IMAGE_MAGICS else 'some other file'
+        raise RaveError(f'{path!r} is not a PyTorch checkpoint (it is {kind}); give a .pth / .pt file written by '
+                        'torch.save (a released network, or experiments/<name>/models/net_g_*.pth).')
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
