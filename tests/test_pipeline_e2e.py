@@ -55,6 +55,38 @@ def test_auto_resume_continues_from_saved_iteration_on_cpu(workdir):
     assert state['iter'] == 8
 
 
+def test_auto_resume_skips_damaged_newest_states_and_keeps_them(workdir):
+    """A truncated newest training state, then a state whose network file is gone: --auto_resume continues from
+    the newest state that loads with its networks, names what it skipped, and deletes nothing."""
+    root, lq, gt = workdir
+    opt = write_options(root / 'train.yml', sr_training_options('damaged', lq, gt, total_iter=8, save_freq=2))
+    first = run_basicsr(['train', '-opt', str(opt), '--force_yml', 'train:total_iter=6'], cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    experiment = root / 'experiments' / 'damaged'
+    newest = experiment / 'training_states' / '6.state'
+    newest.write_bytes(newest.read_bytes()[:len(newest.read_bytes()) // 2])  # a partial copy
+    (experiment / 'models' / 'net_g_4.pth').unlink()
+    second = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=root)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert 'skipped 2 newer training state(s)' in second.stderr
+    assert '6.state' in second.stderr and 'net_g_4.pth' in second.stderr
+    assert 'Resuming from ' + str(experiment / 'training_states' / '2.state') in second.stderr
+    assert re.search(r'Start training from epoch: \d+, iter: 2', read_log(experiment))
+    assert newest.is_file() and (experiment / 'training_states' / '8.state').is_file()
+
+
+def test_auto_resume_with_no_loadable_state_is_a_clear_error(workdir):
+    root, lq, gt = workdir
+    opt = write_options(root / 'train.yml', sr_training_options('ruined', lq, gt, total_iter=4, save_freq=2))
+    assert run_basicsr(['train', '-opt', str(opt)], cwd=root).returncode == 0
+    for state in (root / 'experiments' / 'ruined' / 'training_states').glob('*.state'):
+        state.write_bytes(b'')
+    result = run_basicsr(['train', '-opt', str(opt), '--auto_resume'], cwd=root)
+    assert result.returncode == 2
+    assert 'none of the 2 training state(s)' in result.stderr and 'Move the experiment folder away' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
 def run_module(module: str, args, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m rave_basicsr.train|test ...``: the HAT / Real-ESRGAN-style entry points."""
     return subprocess.run([sys.executable, '-m', module, *args], cwd=cwd, capture_output=True, text=True,

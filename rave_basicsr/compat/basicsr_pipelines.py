@@ -13,8 +13,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_save_atomic
+from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_load_safe, torch_save_atomic
 from rave_basicsr.utils.distributed import init_distributed, wrap_for_device
+from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import (OptionError, apply_overrides, build_argument_parser, check_registered_types,
                                         load_option_file)
 
@@ -84,25 +85,72 @@ def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str
 
 
 def load_resume_state(opt: dict) -> Optional[dict]:
-    """BasicSR's resume-state lookup, loading onto the CPU with weights_only (the model moves what it needs)."""
-    from basicsr.utils import check_resume, scandir
+    """BasicSR's resume-state lookup, loading onto the CPU with weights_only (the model moves what it needs).
 
-    resume_state_path = None
+    ``--auto_resume`` takes the newest training state that loads and whose network files load too; damaged newer
+    ones (a partial copy, a full disk) are named in a warning and kept. An explicit ``path: resume_state`` that does
+    not load is an error naming the file.
+    """
+    from basicsr.utils import check_resume
+
     if opt['auto_resume']:
-        state_path = osp.join('experiments', opt['name'], 'training_states')
-        if osp.isdir(state_path):
-            states = [name for name in scandir(state_path, suffix='state', recursive=False, full_path=False)]
-            if states:
-                newest = max(float(name.split('.state')[0]) for name in states)
-                resume_state_path = osp.join(state_path, f'{newest:.0f}.state')
-                opt['path']['resume_state'] = resume_state_path
+        resume_state = newest_resumable_state(opt)
     elif opt['path'].get('resume_state'):
-        resume_state_path = opt['path']['resume_state']
-    if resume_state_path is None:
+        path = opt['path']['resume_state']
+        resume_state = load_training_state(path)
+        problem = damaged_network_file(opt, resume_state['iter'])
+        if problem:
+            raise OptionError(f'path:resume_state {path}: {problem}')
+    else:
         return None
-    resume_state = load_training_state(resume_state_path)
-    check_resume(opt, resume_state['iter'])
+    if resume_state is not None:
+        check_resume(opt, resume_state['iter'])
     return resume_state
+
+
+def newest_resumable_state(opt: dict) -> Optional[dict]:
+    """The newest loadable training state of ``experiments/<name>`` with loadable network files (None: none
+    saved yet); sets ``path: resume_state`` to it."""
+    folder = opt['path']['training_states']
+    states = sorted(((int(name[:-len('.state')]), osp.join(folder, name)) for name in
+                     (os.listdir(folder) if osp.isdir(folder) else [])
+                     if name.endswith('.state') and name[:-len('.state')].isdigit()), reverse=True)
+    damaged = []
+    for iteration, path in states:
+        try:
+            state = load_training_state(path)
+        except RaveError as exc:
+            damaged.append(str(exc))
+            continue
+        problem = damaged_network_file(opt, iteration)
+        if problem:
+            damaged.append(f'{path}: {problem}')
+            continue
+        if damaged:
+            print(f'WARNING: --auto_resume skipped {len(damaged)} newer training state(s) that cannot be resumed '
+                  '(the files are kept):\n  ' + '\n  '.join(damaged) + f'\nResuming from {path} (iteration '
+                  f'{iteration}).', file=sys.stderr, flush=True)
+        opt['path']['resume_state'] = path
+        return state
+    if damaged:
+        raise OptionError(f'--auto_resume: none of the {len(damaged)} training state(s) in {folder} can be resumed:'
+                          '\n  ' + '\n  '.join(damaged) + '\nMove the experiment folder away to start afresh, or '
+                          'restore the files from a copy.')
+    return None
+
+
+def damaged_network_file(opt: dict, iteration: int) -> Optional[str]:
+    """What is wrong with the network files a resume at ``iteration`` loads (``models/net_<x>_<iter>.pth`` for
+    every ``network_<x>``, as BasicSR's ``check_resume`` sets them), or None."""
+    ignored = opt['path'].get('ignore_resume_networks') or []
+    for key in opt:
+        if key.startswith('network_') and key not in ignored:
+            path = osp.join(opt['path']['models'], f'net_{key[len("network_"):]}_{iteration}.pth')
+            try:
+                torch_load_safe(path)
+            except RaveError as exc:
+                return f'its network file cannot be loaded: {exc}'
+    return None
 
 
 def load_training_state(path: str) -> dict:
@@ -112,7 +160,7 @@ def load_training_state(path: str) -> dict:
     from collections import Counter
 
     with torch.serialization.safe_globals([Counter]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch_load_safe(path)
 
 
 def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
