@@ -96,16 +96,22 @@ def float32_math(allow_tf32: bool) -> Iterator[None]:
 
     cuDNN convolutions default to TF32 on Ampere and newer GPUs, which keeps only 10 mantissa bits: "fp32" would
     silently not be float32. The previous settings are restored on exit.
+
+    PyTorch 2.9 and newer have two matmul settings, the legacy float32 matmul precision and the new
+    ``fp32_precision`` flag, and cuBLAS refuses to run (RuntimeError, "mix of the legacy and new APIs") when they
+    disagree: both are set together here (``torch.set_float32_matmul_precision`` sets the new flag too).
     """
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(matmul, 'fp32_precision') and hasattr(conv, 'fp32_precision'):
-        saved = matmul.fp32_precision, conv.fp32_precision
+        saved = matmul.fp32_precision, conv.fp32_precision, torch.get_float32_matmul_precision()
         mode = 'tf32' if allow_tf32 else 'ieee'
+        torch.set_float32_matmul_precision('high' if allow_tf32 else 'highest')
         matmul.fp32_precision, conv.fp32_precision = mode, mode
         try:
             yield
         finally:
-            matmul.fp32_precision, conv.fp32_precision = saved
+            torch.set_float32_matmul_precision(saved[2])
+            matmul.fp32_precision, conv.fp32_precision = saved[:2]
     else:  # PyTorch before 2.9
         saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
