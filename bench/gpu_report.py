@@ -208,11 +208,12 @@ def training_lines(found: Dict[str, dict]) -> List[str]:
     lines += ['fp32: resumed against uninterrupted runs (largest weight difference):', '']
     lines += _table(['method', 'resumed vs uninterrupted', 'two uninterrupted runs', 'change after the interruption',
                      'bit-identical'], rows)
-    for ranks in (1, 2):
-        values = found.get(f'test_torchrun_on_cuda_uses_nccl[{ranks}]')
-        if values:
-            lines.append(f"- torchrun with {ranks} rank(s): backend {values.get('backend')}, collectives "
-                         f"{', '.join(values.get('collectives', []))}.")
+    for method in ('rave', 'clip_lit_latent'):
+        for ranks in (1, 2):
+            values = found.get(f'test_torchrun_on_cuda_uses_nccl[{method}-{ranks}]')
+            if values:
+                lines.append(f"- torchrun, {method}, {ranks} rank(s): backend {values.get('backend')}, collectives "
+                             f"{', '.join(values.get('collectives', []))}.")
     return lines + ['']
 
 

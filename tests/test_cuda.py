@@ -10,9 +10,9 @@ stays green. Each test writes what it measured (grey-level differences, weight d
   their measured differences; exact tiling on the GPU; ``--precision auto`` picks ``mixed`` on GPUs with native
   bfloat16.
 - ``basicsr train`` of RAVE and CLIP-LIT-Latent (tiny encoders, 20 iterations) on one GPU in fp32, fp16 and bf16,
-  interrupted and resumed with ``--auto_resume``, then ``basicsr test`` on the result; a single-rank ``torchrun``
-  with nccl, and two ranks where two GPUs exist. The training runs are independent processes, so they all start at
-  once in the background when the first test of this module runs and the tests collect them.
+  interrupted and resumed with ``--auto_resume``, then ``basicsr test`` on the result; single-rank ``torchrun``
+  runs of both with nccl, and two ranks where two GPUs exist. The training runs are independent processes, so they
+  all start at once in the background when the first test of this module runs and the tests collect them.
 """
 import json
 import os
@@ -245,6 +245,24 @@ def basicsr_test_args(method: str, experiment: Path, data: dict) -> List[str]:
     return ['test', '-opt', str(option_file), '--force_yml', *overrides]
 
 
+#: the last iteration of the torchrun runs
+TORCHRUN_ITER = {'rave': 4, 'clip_lit_latent': 11}
+
+
+def torchrun_options(method: str, ranks: int, data: dict) -> dict:
+    """A short distributed run: RAVE 2 warm-up + 2 guided iterations; CLIP-LIT-Latent 1 prompt init, 1 warm-up, 8
+    network (with best-model events that fill the rank-consistent feature bank) and 1 prompt iteration."""
+    name = f'torchrun_{method}_{ranks}'
+    if method == 'rave':
+        options = rave_options(name, data, total_iter=4, warmup_iters=2, save_freq=4, crop=32)
+    else:
+        options = clip_lit_options(name, data, guidance='latent', total_iter=11, stages=(1, 1, 8, 1), save_freq=11,
+                                   batch=1)
+        options['val']['val_freq'] = 1000
+    options.update(num_gpu=NUM_GPU, dist_params={'backend': BACKEND, 'port': 29500})
+    return options
+
+
 def run_steps(cwd: Path, steps: List) -> Dict[str, dict]:
     """Run `basicsr` commands one after the other in ``cwd`` until one fails; exit code, stderr tail and seconds
     of each."""
@@ -267,7 +285,7 @@ def run_steps(cwd: Path, steps: List) -> Dict[str, dict]:
 def training_jobs(root: Path, data: dict) -> Dict[tuple, Callable]:
     """Every training run of this module as an independent job: interrupted + resumed + tested runs per method
     and precision, two uninterrupted fp32 runs per method (the second measures the GPU's own nondeterminism),
-    torchrun with one rank, and with two where two GPUs exist."""
+    torchrun per method with one rank, and with two where two GPUs exist."""
     jobs = {}
     for method in METHODS:
         for precision in TRAIN_PRECISIONS:
@@ -288,16 +306,15 @@ def training_jobs(root: Path, data: dict) -> Dict[tuple, Callable]:
             jobs[(method, run)] = lambda cwd=cwd, option_file=option_file: run_steps(
                 cwd, [('train', ['train', '-opt', str(option_file)])])
     available = torch.cuda.device_count() if NUM_GPU else 1
-    for ranks in (1, 2):
-        if ranks > available:
-            continue
-        cwd = root / f'torchrun{ranks}'
-        cwd.mkdir(parents=True)
-        options = rave_options(f'torchrun{ranks}', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32)
-        options.update(num_gpu=NUM_GPU, dist_params={'backend': BACKEND, 'port': 29500})
-        option_file = write_options(cwd / 'train.yml', options)
-        jobs[('torchrun', ranks)] = lambda cwd=cwd, option_file=option_file, ranks=ranks: run_torchrun(
-            option_file, cwd, single_thread_env(), nproc=ranks, timeout=PROCESS_TIMEOUT)
+    for method in METHODS:
+        for ranks in (1, 2):
+            if ranks > available:
+                continue
+            cwd = root / f'torchrun_{method}_{ranks}'
+            cwd.mkdir(parents=True)
+            option_file = write_options(cwd / 'train.yml', torchrun_options(method, ranks, data))
+            jobs[('torchrun', method, ranks)] = lambda cwd=cwd, option_file=option_file, ranks=ranks: run_torchrun(
+                option_file, cwd, single_thread_env(), nproc=ranks, timeout=PROCESS_TIMEOUT)
     return jobs
 
 
@@ -427,19 +444,25 @@ def test_basicsr_test_on_the_resumed_checkpoint_on_cuda(training, method, precis
 
 
 @pytest.mark.parametrize('ranks', [1, 2])
-def test_torchrun_on_cuda_uses_nccl(training, ranks, report):
-    """`torchrun --nproc_per_node=N ... --launcher pytorch`: nccl, every collective on the GPU, ranks in step."""
-    if ('torchrun', ranks) not in training.futures:
+@pytest.mark.parametrize('method', METHODS)
+def test_torchrun_on_cuda_uses_nccl(training, method, ranks, report):
+    """`torchrun --nproc_per_node=N ... --launcher pytorch`: nccl, every collective on the GPU, every rank ends with
+    the saved network (and CLIP-LIT-Latent with the same learned pair)."""
+    key = ('torchrun', method, ranks)
+    if key not in training.futures:
         pytest.skip(f'{ranks} ranks need {ranks} GPUs; {torch.cuda.device_count()} visible')
     started = time.monotonic()
-    dumps = training.futures[('torchrun', ranks)].result()
+    dumps = training.futures[key].result()
     report['seconds_waited'] = round(time.monotonic() - started, 1)
     report['backend'] = [dump['backend'] for dump in dumps]
     report['collectives'] = sorted(set(dumps[0]['collectives']))
     assert report['backend'] == [BACKEND] * ranks
-    experiment = training.root / f'torchrun{ranks}' / 'experiments' / f'torchrun{ranks}'
+    name = f'torchrun_{method}_{ranks}'
+    experiment = training.root / name / 'experiments' / name
     assert f'world_size: {ranks}' in read_log(experiment)
-    saved = load_params(experiment / 'models' / 'net_g_4.pth')
+    saved = load_params(experiment / 'models' / f'net_g_{TORCHRUN_ITER[method]}.pth')
     for dump in dumps:
         for key in saved:
             torch.testing.assert_close(dump['net'][key], saved[key], rtol=0, atol=0)
+        if method == 'clip_lit_latent':
+            torch.testing.assert_close(dump['pair'], dumps[0]['pair'], rtol=0, atol=0)
