@@ -256,9 +256,13 @@ def bench_lines(bench: dict) -> List[str]:
                          'results s/image'], rows)
     projection = results.get('projection', {})
     if projection:
-        lines += ['Projected wall time of the default schedules (options/train_rave.yml: 1000 warm-up + 19000 guided; '
-                  'options/train_clip_lit.yml: 8000 + 1000 + rounds of 2100 + 1000 up to 50000, 10 best-model '
-                  'inferences of 380 images per round):', '']
+        full = meta.get('training', {}).get('schedule', {})
+        lines += [f"Projected wall time of the default schedules (options/train_rave.yml: {full.get('rave_warmup')} "
+                  f"warm-up + {full.get('rave_guided')} guided iterations; options/train_clip_lit.yml: "
+                  f"{full.get('prompt_init')} prompt init + {full.get('warmup')} warm-up, then rounds of "
+                  f"{full.get('network')} network + {full.get('prompt')} prompt iterations up to "
+                  f"{full.get('clip_lit_total')}, 10 best-model inferences of {full.get('train_images')} images per "
+                  'round; per-iteration costs scaled linearly to batch 8 at 512 px where measured smaller):', '']
         lines += _table(['variant', 'RAVE (h)', 'CLIP-LIT (h)', 'CLIP-LIT-Latent (h)', 'CLIP-LIT / RAVE'],
                         [[variant, p['rave_hours'], p['clip_lit_hours'], p['clip_lit_latent_hours'],
                           p['ratio_clip_lit_to_rave']] for variant, p in projection.items()])
