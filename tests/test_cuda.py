@@ -268,8 +268,6 @@ def run_steps(cwd: Path, steps: List) -> Dict[str, dict]:
     of each."""
     results = {}
     for label, args in steps:
-        if callable(args):
-            args = args()
         started = time.monotonic()
         try:
             completed = run_basicsr(args, cwd=cwd, timeout=PROCESS_TIMEOUT)
@@ -297,7 +295,7 @@ def training_jobs(root: Path, data: dict) -> Dict[tuple, Callable]:
             steps = [('interrupted', ['train', '-opt', str(option_file), '--force_yml',
                                       f'train:total_iter={STOP_AT[method]}']),
                      ('resumed', ['train', '-opt', str(option_file), '--auto_resume']),
-                     ('test', lambda method=method, experiment=experiment: basicsr_test_args(method, experiment, data))]
+                     ('test', basicsr_test_args(method, experiment, data))]
             jobs[(method, precision)] = lambda cwd=cwd, steps=steps: run_steps(cwd, steps)
         for run in ('reference', 'reference2') if 'fp32' in TRAIN_PRECISIONS else ():
             cwd = root / f'{method}_{run}'
