@@ -103,15 +103,20 @@ def float32_math(allow_tf32: bool) -> Iterator[None]:
     """
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(matmul, 'fp32_precision') and hasattr(conv, 'fp32_precision'):
-        saved = matmul.fp32_precision, conv.fp32_precision, torch.get_float32_matmul_precision()
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # the caller left the two settings disagreeing; put back only the new flags
+            legacy = None
+        saved = matmul.fp32_precision, conv.fp32_precision
         mode = 'tf32' if allow_tf32 else 'ieee'
         torch.set_float32_matmul_precision('high' if allow_tf32 else 'highest')
         matmul.fp32_precision, conv.fp32_precision = mode, mode
         try:
             yield
         finally:
-            torch.set_float32_matmul_precision(saved[2])
-            matmul.fp32_precision, conv.fp32_precision = saved[:2]
+            if legacy is not None:
+                torch.set_float32_matmul_precision(legacy)
+            matmul.fp32_precision, conv.fp32_precision = saved
     else:  # PyTorch before 2.9
         saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
         matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
