@@ -123,6 +123,8 @@ def _number(value, digits: int = 3) -> str:
         return '–'
     if isinstance(value, bool):
         return 'yes' if value else 'no'
+    if isinstance(value, float) and 0 < abs(value) < 10 ** -digits * 10:  # small differences: keep their size
+        return f'{value:.2e}'
     if isinstance(value, (int, float)):
         return f'{value:.{digits}f}' if isinstance(value, float) else str(value)
     return str(value)
@@ -264,8 +266,9 @@ def bench_lines(bench: dict) -> List[str]:
                   f"{full.get('clip_lit_total')}, 10 best-model inferences of {full.get('train_images')} images per "
                   'round; per-iteration costs scaled linearly to batch 8 at 512 px where measured smaller):', '']
         lines += _table(['variant', 'RAVE (h)', 'CLIP-LIT (h)', 'CLIP-LIT-Latent (h)', 'CLIP-LIT / RAVE'],
-                        [[variant, p['rave_hours'], p['clip_lit_hours'], p['clip_lit_latent_hours'],
-                          p['ratio_clip_lit_to_rave']] for variant, p in projection.items()])
+                        [[variant, _number(p['rave_hours'], 1), _number(p['clip_lit_hours'], 1),
+                          _number(p['clip_lit_latent_hours'], 1), _number(p['ratio_clip_lit_to_rave'], 2)]
+                         for variant, p in projection.items()])
     for skipped in results.get('skipped', []):
         lines.append(f'- skipped: {skipped}')
     for error in results.get('errors', []):
