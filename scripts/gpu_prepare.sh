@@ -4,26 +4,28 @@
 # The GPU machine has torch, torchvision, timm, OpenCV, NumPy, SciPy and pytest but no network, and lacks
 # basicsr, open_clip_torch and a few small packages. This script fills two git-ignored folders that travel with
 # the working tree (carry them: [".whl", ".gpu_data"]):
-#   .whl/       Python 3.12 x86-64 wheels of exactly what that machine lacks (basicsr 1.4.2 built here as a
-#               pure-Python wheel, lmdb as a manylinux wheel, the rest pure Python), at the versions this project
-#               is tested with (those of the build environment's virtualenv);
+#   .whl/       CPython 3.12 x86-64 wheels of what that machine lacks (basicsr 1.4.2 built here as a pure-Python
+#               wheel; lmdb, charset_normalizer and wcwidth as manylinux wheels; the rest pure Python), at the
+#               versions this project is tested with (those of the virtualenv below); gpu_check.sh installs only
+#               those the machine does not have;
 #   .gpu_data/  a copy of the shared data the GPU tests read (official checkpoints, backlit photos, reference
 #               outputs). Never commit it: the files carry no licence that allows redistribution.
 # Idempotent: files already there are kept. Prints the size of both folders.
 #
-#   bash scripts/gpu_prepare.sh            # VENV=/path/to/venv, RAVE_SHARED_DATA=/path/to/shared/data to override
+#   bash scripts/gpu_prepare.sh     # uses ./.venv (scripts/setup.sh); override with VENV=/path/to/venv and
+#                                   # RAVE_SHARED_DATA=/path/to/shared/data (default ../shared/data)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 VENV=${VENV:-$REPO/.venv}
-[ -x "$VENV/bin/python" ] || VENV=$REPO/../main/.venv
 SHARED=${RAVE_SHARED_DATA:-$REPO/../shared/data}
 WHEELS=$REPO/.whl
 DATA=$REPO/.gpu_data
 PY="$VENV/bin/python"
 
 die() { echo "gpu_prepare: error: $*" >&2; exit 2; }
-[ -x "$PY" ] || die "no virtualenv with torch and basicsr's build requirements at $VENV (run scripts/setup.sh, or set VENV=...)"
+[ -x "$PY" ] || die "no virtualenv with torch and basicsr's build requirements at $VENV (run scripts/setup.sh, or set \
+VENV=/path/to/venv)"
 for folder in official_checkpoints backlit_samples reference_outputs; do
     [ -d "$SHARED/$folder" ] || die "$SHARED/$folder is missing (set RAVE_SHARED_DATA to the shared data folder)"
 done
