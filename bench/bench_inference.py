@@ -43,8 +43,9 @@ CONFIGS = {
 EQUAL_OUTPUT_GREY_LEVELS = 1.0
 
 
-def _photo(height: int, width: int) -> np.ndarray:
-    """A real backlit photo resized to height×width (random pixels when the shared data is absent)."""
+def backlit_photo(height: int, width: int) -> np.ndarray:
+    """A real backlit photo resized to height×width, float64 RGB in [0, 1] (random pixels when the shared data is
+    absent)."""
     import cv2
 
     shared = Path(os.environ.get('RAVE_SHARED_DATA', REPO.parent / 'shared' / 'data'))
@@ -55,7 +56,9 @@ def _photo(height: int, width: int) -> np.ndarray:
     return np.random.default_rng(0).random((height, width, 3))
 
 
-def _network():
+def released_network():
+    """``rave_unpaired`` as the official inference runs it (reflect padding, no epsilon), on the CPU; a random
+    network when the shared data is absent. Also used by ``bench/bench_gpu.py``."""
     import torch
     from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
     from rave_basicsr.inference.weights import load_enhancement_network
@@ -125,8 +128,8 @@ def worker(args: argparse.Namespace) -> None:
     from rave_basicsr.inference.enhancer import Enhancer
 
     torch.set_num_threads(args.threads)
-    network = _network()
-    image = torch.from_numpy(_photo(args.height, args.width).astype(np.float32)).permute(2, 0, 1)[None]
+    network = released_network()
+    image = torch.from_numpy(backlit_photo(args.height, args.width).astype(np.float32)).permute(2, 0, 1)[None]
     if args.worker == 'baseline_fp32':
         network = straightforward_network(network.state_dict())
 

@@ -14,10 +14,13 @@ Projection assumptions (stated in the results too):
 * the prompt stages (A, C-2) are measured at batch ``--prompt-batch`` and scaled linearly to the originals' 16;
   their CLIP inputs are 224 px whatever the source size;
 * the results inference is measured per image at ``--crop`` px and scaled by pixels to 256 px, for 380 images;
-* CLIP-LIT schedule: 8000 A + 1000 B, then rounds of 2100 C-1 + 1000 C-2 up to 50 000 iterations (the README's
-  "at least 50K" from scratch), ``--best-events`` best-model events per round (each enhances all 380 images);
-  extensions (+60 / +100) not counted;
-* RAVE schedule: 1000 B + ``--rave-guided`` guided iterations (options/train_rave.yml: total_iter 20000).
+* CLIP-LIT schedule (read from options/train_clip_lit.yml): 8000 A + 1000 B, then rounds of 2100 C-1 + 1000 C-2
+  up to 50 000 iterations (the README's "at least 50K" from scratch), ``--best-events`` best-model events per round
+  (each enhances all 380 images); extensions (+60 / +100) not counted;
+* RAVE schedule (options/train_rave.yml): 1000 B + ``--rave-guided`` guided iterations (default: total_iter 20000
+  less the warm-up).
+
+``bench/bench_gpu.py`` reuses the model builders, the stage timing and the projection at the originals' sizes.
 
     python bench/bench_methods.py [--crop 64] [--batch 2] [--prompt-batch 4] [--iters 2]
 """
@@ -35,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rave_basicsr  # noqa: E402,F401
 from rave_basicsr.utils.hardware import device_description  # noqa: E402
+from rave_basicsr.utils.options import load_option_file  # noqa: E402
 from basicsr.models import build_model  # noqa: E402
 
 from tests.clip_lit_helpers import TINY_VIT, clip_lit_options  # noqa: E402
@@ -46,8 +50,27 @@ ENCODERS = {  # name: (latent/RAVE guidance, prompt guidance, identity)
     'tiny': (STATS_GUIDANCE, TINY_VIT, TINY_IDENTITY),
     'ViT-B-32 + RN101 sized (random)': (VIT, VIT, RN101),
 }
-FULL = {'crop': 512, 'batch': 8, 'prompt_batch': 16, 'result_size': 256, 'train_images': 380,
-        'clip_lit_total': 50000, 'prompt_init': 8000, 'warmup': 1000, 'network': 2100, 'prompt': 1000}
+REPO = Path(__file__).resolve().parents[1]
+#: images of the originals' training set (BAID_380)
+TRAIN_IMAGES = 380
+
+
+def default_schedule(rave_file: Path = REPO / 'options' / 'train_rave.yml',
+                     clip_lit_file: Path = REPO / 'options' / 'train_clip_lit.yml') -> dict:
+    """The default schedules and sizes of the shipped option files (the originals'): CLIP-LIT's stage lengths,
+    crop, batch, prompt batch and results size, RAVE's warm-up and guided iterations."""
+    clip_lit, rave = load_option_file(str(clip_lit_file)), load_option_file(str(rave_file))
+    train = clip_lit['train']
+    return {'crop': clip_lit['datasets']['train']['resize'], 'batch': clip_lit['datasets']['train']['batch_size_per_gpu'],
+            'prompt_batch': clip_lit['prompt_data']['batch_size'], 'result_size': clip_lit['results']['size'],
+            'train_images': TRAIN_IMAGES, 'clip_lit_total': train['total_iter'],
+            'prompt_init': train['prompt_init']['iters'], 'warmup': train['warmup']['iters'],
+            'network': train['network']['iters'], 'prompt': train['prompt']['iters'],
+            'rave_warmup': rave['train']['warmup']['iters'],
+            'rave_guided': rave['train']['total_iter'] - rave['train']['warmup']['iters']}
+
+
+FULL = default_schedule()
 
 
 def timed(step, iters: int) -> float:
@@ -62,7 +85,8 @@ def timed(step, iters: int) -> float:
 
 
 def stage_seconds(model, stage: str, batch: dict, iters: int) -> float:
-    """Seconds per iteration of ``stage`` (the model's schedule is moved to it first)."""
+    """Seconds per iteration of ``stage`` (the model's schedule is moved to it first; on a GPU each iteration
+    waits for its kernels)."""
     names = [spec.name for spec in model.schedule.specs]
     model.schedule.index, model.schedule.iter_in_stage = names.index(stage), 0
     model.schedule.length = 10 ** 9
@@ -71,10 +95,20 @@ def stage_seconds(model, stage: str, batch: dict, iters: int) -> float:
     def step(i):
         model.feed_data(batch)
         model.optimize_parameters(i + 1)
+        if model.device.type == 'cuda':
+            torch.cuda.synchronize(model.device)
     return timed(step, iters)
 
 
-def clip_lit_model(data, root, guidance: str, encoders, args):
+def _on_device(options: dict, device: str, train_extra: dict = None) -> dict:
+    """``options`` on ``device`` (one GPU or the CPU) with ``train_extra`` (``mixed_precision``,
+    ``channels_last``) added to its ``train`` block."""
+    options['num_gpu'] = 1 if device == 'cuda' else 0
+    options['train'].update(train_extra or {})
+    return options
+
+
+def clip_lit_model(data, root, guidance: str, encoders, args, device: str = 'cpu', train_extra: dict = None):
     latent_guidance, prompt_guidance, identity = encoders
     options = clip_lit_options('bench', data, guidance=guidance, stages=(1, 1, 1, 1), batch=args.batch,
                                crop=args.crop, prompt_batch=args.prompt_batch,
@@ -84,47 +118,49 @@ def clip_lit_model(data, root, guidance: str, encoders, args):
     options['prompt_data']['resize'] = args.crop
     options['train']['warmup']['reinit_psnr'] = None
     torch.manual_seed(0)
-    return build_model(model_options(options, root))
+    return build_model(model_options(_on_device(options, device, train_extra), root))
 
 
-def rave_model(data, root, encoders, args):
+def rave_model(data, root, encoders, args, device: str = 'cpu', train_extra: dict = None):
     latent_guidance, _, identity = encoders
     options = rave_options('bench_rave', data, warmup_iters=0, crop=args.crop, batch=args.batch)
     options['guidance_encoder'], options['identity_encoder'] = copy.deepcopy(latent_guidance), copy.deepcopy(identity)
     options['train']['warmup']['reinit_psnr'] = None
     torch.manual_seed(0)
-    return build_model(model_options(options, root))
+    return build_model(model_options(_on_device(options, device, train_extra), root))
 
 
-def project(rows: dict, args, scaled: bool) -> dict:
+def project(rows: dict, args, scaled: bool, schedule: dict = None) -> dict:
     """Full-schedule wall time (hours) of each method from per-iteration seconds (see the module docstring).
 
     ``scaled``: per-iteration costs scaled to the originals' sizes (linear in pixels × batch: an upper-bound-style
     estimate); otherwise the schedules are costed at the bench's own sizes (a lower-bound-style estimate).
+    ``schedule``: :func:`default_schedule`'s layout (default :data:`FULL`).
     """
-    net_scale = (FULL['crop'] ** 2 * FULL['batch']) / (args.crop ** 2 * args.batch) if scaled else 1.0
-    prompt_scale = FULL['prompt_batch'] / args.prompt_batch if scaled else 1.0
-    result_scale = FULL['result_size'] ** 2 / args.crop ** 2 if scaled else 1.0
-    rest = FULL['clip_lit_total'] - FULL['prompt_init'] - FULL['warmup']
-    rounds_full, left = divmod(rest, FULL['network'] + FULL['prompt'])
+    full = schedule or FULL
+    net_scale = (full['crop'] ** 2 * full['batch']) / (args.crop ** 2 * args.batch) if scaled else 1.0
+    prompt_scale = full['prompt_batch'] / args.prompt_batch if scaled else 1.0
+    result_scale = full['result_size'] ** 2 / args.crop ** 2 if scaled else 1.0
+    rest = full['clip_lit_total'] - full['prompt_init'] - full['warmup']
+    rounds_full, left = divmod(rest, full['network'] + full['prompt'])
     rounds = rounds_full + (1 if left else 0)
-    c1_iters = rounds_full * FULL['network'] + min(left, FULL['network'])
-    c2_iters = rounds_full * FULL['prompt'] + max(0, left - FULL['network'])
+    c1_iters = rounds_full * full['network'] + min(left, full['network'])
+    c2_iters = rounds_full * full['prompt'] + max(0, left - full['network'])
     out = {'assumptions': {'network_scale': net_scale, 'prompt_scale': prompt_scale, 'result_scale': result_scale,
                            'clip_lit_rounds': rounds, 'c1_iters': c1_iters, 'c2_iters': c2_iters,
                            'best_events_per_round': args.best_events, 'rave_guided_iters': args.rave_guided,
-                           **FULL}}
-    rave = (FULL['warmup'] * rows['rave']['warmup'] + args.rave_guided * rows['rave']['guided']) * net_scale
+                           **full}}
+    rave = (full['rave_warmup'] * rows['rave']['warmup'] + args.rave_guided * rows['rave']['guided']) * net_scale
     out['rave_hours'] = rave / 3600
     for method in ('clip_lit', 'clip_lit_latent'):
         r = rows[method]
-        seconds = (FULL['prompt_init'] * r['prompt_init'] * prompt_scale + FULL['warmup'] * r['warmup'] * net_scale
+        seconds = (full['prompt_init'] * r['prompt_init'] * prompt_scale + full['warmup'] * r['warmup'] * net_scale
                    + c1_iters * r['network'] * net_scale + c2_iters * r['prompt'] * prompt_scale
-                   + rounds * args.best_events * FULL['train_images'] * r['results_per_image'] * result_scale)
+                   + rounds * args.best_events * full['train_images'] * r['results_per_image'] * result_scale)
         out[f'{method}_hours'] = seconds / 3600
         out[f'ratio_{method}_to_rave'] = seconds / rave
         # RAVE guided iterations whose schedule would be 25x shorter than this method's (the paper's claim)
-        out[f'rave_guided_iters_for_25x_{method}'] = max(0.0, (seconds / 25 / net_scale - FULL['warmup'] *
+        out[f'rave_guided_iters_for_25x_{method}'] = max(0.0, (seconds / 25 / net_scale - full['rave_warmup'] *
                                                               rows['rave']['warmup']) / rows['rave']['guided'])
     return out
 
@@ -136,7 +172,7 @@ def main() -> None:
     parser.add_argument('--prompt-batch', type=int, default=4)
     parser.add_argument('--iters', type=int, default=2)
     parser.add_argument('--best-events', type=int, default=10)
-    parser.add_argument('--rave-guided', type=int, default=19000)
+    parser.add_argument('--rave-guided', type=int, default=FULL['rave_guided'])
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results'))
     args = parser.parse_args()
     root = Path('/tmp/rave_bench_methods')
@@ -151,13 +187,13 @@ def main() -> None:
     for enc_name, encoders in ENCODERS.items():
         rows = {}
         for method, guidance in (('clip_lit', 'prompt'), ('clip_lit_latent', 'latent')):
-            model = clip_lit_model(data, root, guidance, encoders, args)
+            model = clip_lit_model(data, root, guidance, encoders, args, device)
             rows[method] = {stage: stage_seconds(model, stage, batch, args.iters)
                             for stage in ('prompt_init', 'warmup', 'network', 'prompt')}
             images = len(model.pair_data.backlit)
             rows[method]['results_per_image'] = timed(lambda i: model.record_results(0, i), 1) / images
             print(enc_name, method, rows[method], flush=True)
-        model = rave_model(data, root, encoders, args)
+        model = rave_model(data, root, encoders, args, device)
         rows['rave'] = {stage: stage_seconds(model, stage, batch, args.iters) for stage in ('warmup', 'guided')}
         print(enc_name, 'rave', rows['rave'], flush=True)
         results['encoders'][enc_name] = {'seconds_per_iter': rows,
@@ -189,7 +225,7 @@ def markdown(results: dict) -> str:
         lines += ['', f'Projected default schedules on this device (CLIP-LIT {a["clip_lit_total"]} iterations = '
                       f'{a["prompt_init"]} A + {a["warmup"]} B + {a["c1_iters"]} C-1 + {a["c2_iters"]} C-2 in '
                       f'{a["clip_lit_rounds"]} rounds, {a["best_events_per_round"]} best-model inferences of '
-                      f'{a["train_images"]} images per round; RAVE {a["warmup"]} B + {a["rave_guided_iters"]} '
+                      f'{a["train_images"]} images per round; RAVE {a["rave_warmup"]} B + {a["rave_guided_iters"]} '
                       'guided), costed at the bench sizes and scaled linearly to the originals\' sizes '
                       '(512 px batch 8, prompt batch 16, results at 256 px):', '',
                   '| costing | RAVE | CLIP-LIT | CLIP-LIT-Latent | CLIP-LIT / RAVE | CLIP-LIT-Latent / RAVE | '

@@ -100,8 +100,8 @@ def train_interrupted_and_reference(option_file: Path, root: Path, stop_at: int)
 
 TORCHRUN_DRIVER = textwrap.dedent('''
     """Run `basicsr train` under torchrun and dump this rank's final network (and residual, guidance pair and
-    feature bank), plus every tensor collective the run made and those whose tensors were not on the model's
-    device (which nccl would reject on GPUs). ``reduce`` behaves as nccl's: only the destination's tensor changes
+    feature bank), the process group's backend, plus every tensor collective the run made and those whose tensors
+    were not on the model's device (which nccl would reject on GPUs). ``reduce`` behaves as nccl's: only the destination's tensor changes
     (gloo's leaves the full sum on the other ranks too, which hides code that reads a reduced value on them)."""
     import functools, os, sys
     import torch
@@ -144,7 +144,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     code = basicsr_cli.main(sys.argv[1:])
     model = models[0]
     dump = {'net': model.get_bare_model(model.net_g).state_dict(), 'collectives': collectives,
-            'misplaced': misplaced}
+            'misplaced': misplaced, 'backend': dist.get_backend()}
     if getattr(model, 'residual', None) is not None:
         dump.update(residual=model.residual.cpu(), threshold=model.threshold)
     if getattr(model, 'pair_param', None) is not None:
@@ -161,21 +161,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_two_process_torchrun(option_file: Path, cwd: Path, env: dict, timeout: int = 400,
-                             extra_args: tuple = ()) -> tuple:
-    """`basicsr train --launcher pytorch` (plus ``extra_args``) in 2 CPU processes on a free port; returns the two
-    ranks' dumps (see TORCHRUN_DRIVER) after checking that every tensor collective had its tensors on the model's
-    device."""
+def run_torchrun(option_file: Path, cwd: Path, env: dict, nproc: int = 2, timeout: int = 400,
+                 extra_args: tuple = ()) -> tuple:
+    """`basicsr train --launcher pytorch` (plus ``extra_args``) in ``nproc`` processes on a free port (CPU or one
+    GPU each, as the option file says); returns the ranks' dumps (see TORCHRUN_DRIVER, tensors on the CPU) after
+    checking that every tensor collective had its tensors on the model's device."""
     import torch
 
     port = free_port()
 
     (cwd / 'driver.py').write_text(TORCHRUN_DRIVER)
-    command = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+    command = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={nproc}', f'--master_port={port}',
                'driver.py', 'train', '-opt', str(option_file), '--launcher', 'pytorch', *extra_args]
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    dumps = torch.load(cwd / 'rank0.pt'), torch.load(cwd / 'rank1.pt')
+    dumps = tuple(torch.load(cwd / f'rank{rank}.pt', map_location='cpu') for rank in range(nproc))
     for dump in dumps:
         assert dump['collectives'] and dump['misplaced'] == [], dump['misplaced']
     return dumps
+
+
+def run_two_process_torchrun(option_file: Path, cwd: Path, env: dict, timeout: int = 400,
+                             extra_args: tuple = ()) -> tuple:
+    """:func:`run_torchrun` with 2 processes."""
+    return run_torchrun(option_file, cwd, env, nproc=2, timeout=timeout, extra_args=extra_args)

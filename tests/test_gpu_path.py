@@ -405,6 +405,19 @@ def test_fp32_inference_switches_tf32_off(monkeypatch, precision, expected):
     assert torch.backends.cudnn.conv.fp32_precision == before
 
 
+@pytest.mark.parametrize('allow_tf32', [False, True])
+def test_tf32_settings_stay_consistent_for_cublas(allow_tf32):
+    """cuBLAS asks ``allowTF32CuBLAS()`` before every CUDA matrix product (exact tiling runs ``mm``/``bmm``), and
+    since PyTorch 2.9 that check raises when the legacy matmul precision and the new ``fp32_precision`` flag
+    disagree: with only the new flag set, ``--precision tf32`` failed on every tiled photo on a GPU. The public
+    getter below makes the same check."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    with hardware.float32_math(allow_tf32):
+        assert torch.backends.cuda.matmul.allow_tf32 is allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision == ('tf32' if allow_tf32 else 'ieee')
+    assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
 # --------------------------------------------------------------------------------- the fp16 GradScaler path (CPU)
 def test_fp16_training_with_a_grad_scaler_resumes_exactly(data, tmp_path):
     """Scale, unscale, the NaN check, step and update with a GradScaler under fp16 autocast (CPU), interrupted and

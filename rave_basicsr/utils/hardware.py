@@ -96,15 +96,26 @@ def float32_math(allow_tf32: bool) -> Iterator[None]:
 
     cuDNN convolutions default to TF32 on Ampere and newer GPUs, which keeps only 10 mantissa bits: "fp32" would
     silently not be float32. The previous settings are restored on exit.
+
+    PyTorch 2.9 and newer have two matmul settings, the legacy float32 matmul precision and the new
+    ``fp32_precision`` flag, and cuBLAS refuses to run (RuntimeError, "mix of the legacy and new APIs") when they
+    disagree: both are set together here (``torch.set_float32_matmul_precision`` sets the new flag too).
     """
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
     if hasattr(matmul, 'fp32_precision') and hasattr(conv, 'fp32_precision'):
+        try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # the caller left the two settings disagreeing; put back only the new flags
+            legacy = None
         saved = matmul.fp32_precision, conv.fp32_precision
         mode = 'tf32' if allow_tf32 else 'ieee'
+        torch.set_float32_matmul_precision('high' if allow_tf32 else 'highest')
         matmul.fp32_precision, conv.fp32_precision = mode, mode
         try:
             yield
         finally:
+            if legacy is not None:
+                torch.set_float32_matmul_precision(legacy)
             matmul.fp32_precision, conv.fp32_precision = saved
     else:  # PyTorch before 2.9
         saved = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
