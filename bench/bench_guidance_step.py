@@ -39,7 +39,8 @@ class _Block(nn.Module):
 
 
 class StandInUNet(nn.Module):
-    """Same layer shapes as spec §1.1 (278,790 parameters); used only when BacklitUNet is not merged yet."""
+    """Same layer shapes as the originals' network (278,790 parameters); used only when BacklitUNet is not merged
+    yet."""
 
     def __init__(self):
         super().__init__()

@@ -5,9 +5,9 @@ as written: stock ``nn.Conv2d`` with reflect padding, out-of-place residual sums
 ``torch.no_grad``: what the official ``inference.py`` runs) with this project's inference paths
 (:func:`rave_basicsr.inference.enhance.enhance_tensor`): whole-image and exact tiled, in fp32, mixed (bf16 in the
 middle of the network) and bf16. Each configuration runs in its own subprocess so that its peak RSS
-(``ru_maxrss``) is its own. Reports megapixels/s, GFLOP/s (0.555 MFLOP per pixel, spec §1.1) against the
-matrix-multiply GFLOP/s measured in the same run, the output difference against the baseline, and a
-24-megapixel run's time and peak RSS.
+(``ru_maxrss``) is its own. Reports megapixels/s, GFLOP/s (0.555 MFLOP per pixel: 277.6 k multiply-adds per pixel,
+counted from the layer shapes) against the matrix-multiply GFLOP/s measured in the same run, the output difference
+against the baseline, and a 24-megapixel run's time and peak RSS.
 
 Goals (issue #3): at least 3× the baseline's throughput at equal output, i.e. every pixel within one grey level of
 the baseline's 8-bit output (a float difference under 1/255, the tolerance of the parity with the official
@@ -43,13 +43,18 @@ CONFIGS = {
 EQUAL_OUTPUT_GREY_LEVELS = 1.0
 
 
+def _shared_data() -> Path:
+    """The project's shared data folder: ``$RAVE_SHARED_DATA``, which :func:`main` sets for its workers to the
+    tests' default (``tests/conftest.py``) when it is not set."""
+    return Path(os.environ.get('RAVE_SHARED_DATA', ''))
+
+
 def backlit_photo(height: int, width: int) -> np.ndarray:
     """A real backlit photo resized to height×width, float64 RGB in [0, 1] (random pixels when the shared data is
     absent)."""
     import cv2
 
-    shared = Path(os.environ.get('RAVE_SHARED_DATA', REPO.parent / 'shared' / 'data'))
-    sample = shared / 'backlit_samples' / 'backlit_1.png'
+    sample = _shared_data() / 'backlit_samples' / 'backlit_1.png'
     if sample.is_file():
         image = cv2.imread(str(sample))[:, :, ::-1]
         return np.ascontiguousarray(cv2.resize(image, (width, height), interpolation=cv2.INTER_CUBIC)) / 255.0
@@ -63,8 +68,7 @@ def released_network():
     from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
     from rave_basicsr.inference.weights import load_enhancement_network
 
-    shared = Path(os.environ.get('RAVE_SHARED_DATA', REPO.parent / 'shared' / 'data'))
-    weights = shared / 'official_checkpoints' / 'rave_unpaired.pth'
+    weights = _shared_data() / 'official_checkpoints' / 'rave_unpaired.pth'
     if weights.is_file():
         return load_enhancement_network(weights, outer_padding='reflect', division_eps=0.0)
     torch.manual_seed(0)
@@ -72,8 +76,9 @@ def released_network():
 
 
 def straightforward_network(state_dict: dict):
-    """The official network as written (spec §1.1): stock ``nn.Conv2d`` layers (reflect padding by a padded copy),
-    in-place LeakyReLU/ReLU as in the original, out-of-place residual sums, ``clamp(I / L, 0, 1)``; built here, apart from the project's architecture, so that
+    """The official network as written (CLIP-LIT ``model_small.py``, RAVE ``enhancement_model.py``): stock
+    ``nn.Conv2d`` layers (reflect padding by a padded copy), in-place LeakyReLU/ReLU as in the original,
+    out-of-place residual sums, ``clamp(I / L, 0, 1)``; built here, apart from the project's architecture, so that
     optimisations of :class:`~rave_basicsr.archs.backlit_unet_arch.BacklitUNet` never speed up the baseline."""
     import torch
     import torch.nn.functional as F
@@ -207,6 +212,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if 'RAVE_SHARED_DATA' not in os.environ:  # the workers read the photo and the weights the tests use
+        from tests.conftest import shared_data_dir
+        os.environ['RAVE_SHARED_DATA'] = str(shared_data_dir())
 
     megapixels = args.height * args.width / 1e6
     report = {'machine': {'platform': platform.platform(), 'processor': cpu_capability(),

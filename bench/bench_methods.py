@@ -30,12 +30,14 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 import rave_basicsr  # noqa: E402,F401
 from rave_basicsr.utils.hardware import device_description  # noqa: E402
 from rave_basicsr.utils.options import load_option_file  # noqa: E402
@@ -165,6 +167,14 @@ def project(rows: dict, args, scaled: bool, schedule: dict = None) -> dict:
     return out
 
 
+def _shown_path(path: str) -> str:
+    """``path`` relative to the repository when it lies inside it (reports name no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--crop', type=int, default=64)
@@ -175,7 +185,7 @@ def main() -> None:
     parser.add_argument('--rave-guided', type=int, default=FULL['rave_guided'])
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results'))
     args = parser.parse_args()
-    root = Path('/tmp/rave_bench_methods')
+    root = Path(tempfile.gettempdir()) / 'rave_bench_methods'
     data = demo_data(root / 'data', size=max(args.crop, 48), n_train=4, n_welllit=4, n_val=1) \
         if not (root / 'data' / 'train_backlit').is_dir() else \
         {'outdir': str(root / 'data'), 'train_welllit': str(root / 'data' / 'train_welllit')}
@@ -183,7 +193,8 @@ def main() -> None:
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     results = {'device': device, 'hardware': device_description(torch.device(device)), 'torch': torch.__version__,
                'platform': platform.platform(),
-               'threads': torch.get_num_threads(), 'settings': vars(args), 'encoders': {}}
+               'threads': torch.get_num_threads(), 'settings': dict(vars(args), out=_shown_path(args.out)),
+               'encoders': {}}
     for enc_name, encoders in ENCODERS.items():
         rows = {}
         for method, guidance in (('clip_lit', 'prompt'), ('clip_lit_latent', 'latent')):

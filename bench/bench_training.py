@@ -13,6 +13,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument('--iters', type=int, default=3)
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results'))
     args = parser.parse_args()
-    root = Path('/tmp/rave_bench_training')
+    root = Path(tempfile.gettempdir()) / 'rave_bench_training'
     data = demo_data(root / 'data', size=max(args.crop, 48), n_train=4, n_welllit=4, n_val=1) \
         if not (root / 'data' / 'train_backlit').is_dir() else {'outdir': str(root / 'data')}
     device = 'cuda' if torch.cuda.is_available() else 'cpu'

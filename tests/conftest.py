@@ -14,6 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def shared_data_dir() -> Path:
     """The shared test data folder: $RAVE_SHARED_DATA, else ../shared/data beside the repository."""
+    # The project's rule for test data (official checkpoints, photos, reference outputs that are not ours to
+    # commit): tests read it through RAVE_SHARED_DATA, default ../shared/data. This is the one place that names a
+    # path outside the repository; bench/bench_inference.py reuses this function.
     return Path(os.environ.get('RAVE_SHARED_DATA', REPO_ROOT.parent / 'shared' / 'data'))
 
 

@@ -1,4 +1,5 @@
-"""CLIP guidance losses against independent hand computations on small tensors (spec §1.3, §2.3-2.6, §4.2)."""
+"""CLIP guidance losses against independent hand computations on small tensors (definitions: the originals'
+``clip_score.py`` and ``train.py``, docs/references.md)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""Soft prompts: init from "X"×16, encoding through the text tower (spec §2.1, §2.2)."""
+"""Soft prompts: init from "X"×16, encoding through the text tower (as CLIP-LIT's ``train.py``)."""
 import pytest
 import torch
 

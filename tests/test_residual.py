@@ -332,7 +332,7 @@ def test_shifted_residual_matches_hand_computation(tiny_vit, image_sets, tmp_pat
     well, back = image_sets
     vector = compute_residual(tiny_vit, well, back, progress=False)
     new = shift_residual(vector, tiny_vit, remove_top=4, remove_bottom=3, limit=3000, progress=False)
-    # by hand, in numpy, following spec §4.4
+    # by hand, in numpy, following the RAVE code's shifted residual (train_rave.py)
     vocab = load_vocabulary(tiny_vit, 'clip', limit=3000, progress=False)
     emb = vocab.embeddings.double().numpy()
     r = vector.residual.double().numpy()

@@ -1,4 +1,5 @@
-"""The enhancement network shared by CLIP-LIT, CLIP-LIT-Latent and RAVE (spec §1.1).
+"""The enhancement network shared by CLIP-LIT, CLIP-LIT-Latent and RAVE (CLIP-LIT code, ``model_small.py``; RAVE
+code, ``enhancement_model.py``).
 
 A full-resolution, stride-1 convolutional network with one global-context module (pyramid pooling) that predicts a
 single-channel illumination map ``L``; the enhanced image is ``clamp(I / L, 0, 1)``. Module names follow the
@@ -70,7 +71,7 @@ class PaddedConv2d(nn.Conv2d):
 
 
 class ResidualBlock(nn.Module):
-    """``lrelu(conv2(lrelu(conv1(x))) + x)``, both convs 3×3, bias-free, reflect-padded (spec §1.1)."""
+    """``lrelu(conv2(lrelu(conv1(x))) + x)``, both convs 3×3, bias-free, reflect-padded, as the originals."""
 
     def __init__(self, channels: int):
         super().__init__()

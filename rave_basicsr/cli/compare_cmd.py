@@ -4,6 +4,7 @@ import sys
 
 from rave_basicsr.inference.compare import DEFAULT_METRICS, METRICS, compare_models
 from rave_basicsr.inference.compare_report import markdown_table, mean_table
+from rave_basicsr.inference.enhancer import AUTO_TILE
 from rave_basicsr.inference.precision import PRECISIONS
 from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS
 from rave_basicsr.residual.encoder_spec import EXAMPLES as ENCODER_EXAMPLES
@@ -43,8 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--precision', default='fp32', choices=list(PRECISIONS),
                         help='compute precision of the enhancement (see rave enhance); default fp32, the reference')
     parser.add_argument('--tile', type=int, default=None, metavar='N',
-                        help='exact tiling in N×N tiles (same result as whole-image); 0 = never. Default: 990-px '
-                        'tiles above 1 megapixel')
+                        help='exact tiling in N×N tiles (same result as whole-image); 0 = never. Default: '
+                        f'{AUTO_TILE}-px tiles above 1 megapixel')
     parser.add_argument('--overwrite', action='store_true',
                         help='enhance again and replace existing outputs (default: reuse them)')
     parser.add_argument('--thumb', type=int, default=160, metavar='PX', help='grid cell size in pixels (160)')

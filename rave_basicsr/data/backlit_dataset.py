@@ -1,5 +1,6 @@
 """Training sets of backlit images (RAVE, CLIP-LIT network stages) and of labelled backlit / well-lit images
-(CLIP-LIT prompt stages), from folders or LMDBs, with the official resize and augmentation (spec §1.4).
+(CLIP-LIT prompt stages), from folders or LMDBs, with the official resize and augmentation (CLIP-LIT code,
+``dataloader_images.py``, ``dataloader_prompt_add.py``, ``dataloader_prompt_margin.py``).
 
 Labels are explicit (0 backlit, 1 well-lit: the set an image was listed from), never guessed from paths as
 CLIP-LIT does. The smaller of the two sets is repeated to the length of the larger, as the originals balance them.

@@ -1,10 +1,11 @@
 """Resizing, cropping and the official augmentation set, shared by every dataset of the plugin.
 
-The augmentation is CLIP-LIT's / RAVE's (spec §1.4): horizontal flip, vertical flip and transpose each with
-probability 0.5, zoom with probability 0.3 (zx, zy drawn independently from ``zoom_range``; 0.7-1.3 for the
-network loader, 0.5-1.5 for the prompt loaders), rotation with probability 0.3 (angle uniform in [-90, 90]
-degrees), applied in that order, bilinear with reflected borders. Random numbers come from Python's ``random``
-and NumPy's global generator, which BasicSR's ``build_dataloader`` seeds per worker, so runs are reproducible.
+The augmentation is CLIP-LIT's / RAVE's (``dataloader_*.py`` of both codes): horizontal flip, vertical flip and
+transpose each with probability 0.5, zoom with probability 0.3 (zx, zy drawn independently from ``zoom_range``;
+0.7-1.3 for the network loader, 0.5-1.5 for the prompt loaders), rotation with probability 0.3 (angle uniform in
+[-90, 90] degrees), applied in that order, bilinear with reflected borders. Random numbers come from Python's
+``random`` and NumPy's global generator, which BasicSR's ``build_dataloader`` seeds per worker, so runs are
+reproducible.
 """
 import random
 from dataclasses import dataclass

@@ -138,7 +138,7 @@ class FrozenImageEncoder(nn.Module):
 
     def encode_soft_prompts(self, embeddings: torch.Tensor,
                             eot_index: Union[None, int, torch.Tensor] = None) -> torch.Tensor:
-        """Learnable ``[N, context_length, width]`` token embeddings -> ``[N, embed_dim]`` (spec §2.2)."""
+        """Learnable ``[N, context_length, width]`` token embeddings -> ``[N, embed_dim]`` (``guidance/prompts.py``)."""
         from rave_basicsr.guidance.prompts import encode_token_embeddings, init_eot_index
 
         self._require_text('encode_soft_prompts')

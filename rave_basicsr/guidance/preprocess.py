@@ -1,10 +1,11 @@
 """Differentiable preprocessing of [0, 1] image tensors for frozen image encoders.
 
 The losses feed *enhanced* images to CLIP, so the preprocessing must be a tensor operation that gradients flow
-through. The default reproduces the originals' loss path (spec §1.2): squash-resize to the encoder's input size,
-bilinear, ``align_corners=False``, no antialiasing, then CLIP's mean/std. ``resize: shorter_side_center_crop`` with
-``interpolation: bicubic`` and ``antialias: true`` approximates the standard CLIP PIL preprocess (bicubic resize of
-the shorter side + centre crop) that RAVE uses for its residual embeddings.
+through. The default reproduces the originals' loss path (``clip_score.py`` of both codes): squash-resize to the
+encoder's input size, bilinear, ``align_corners=False``, no antialiasing, then CLIP's mean/std.
+``resize: shorter_side_center_crop`` with ``interpolation: bicubic`` and ``antialias: true`` approximates the
+standard CLIP PIL preprocess (bicubic resize of the shorter side + centre crop) that RAVE uses for its residual
+embeddings.
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union

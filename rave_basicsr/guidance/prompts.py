@@ -1,8 +1,8 @@
 """CLIP-LIT soft prompts: a learnable ``[2, 77, width]`` token-embedding tensor encoded by the text tower.
 
-Spec §2.1: both prompts start as the token embeddings of the tokenised "X X ... X" (16 × "X"), the whole
-77-position sequence is learnable, prompt 0 is the negative (backlit) and prompt 1 the positive (well-lit) one.
-Spec §2.2 / §11: the encoding replaces open_clip's token lookup by the given embeddings: add the positional
+As in the CLIP-LIT code (``train.py``): both prompts start as the token embeddings of the tokenised "X X ... X"
+(16 × "X"), the whole 77-position sequence is learnable, prompt 0 is the negative (backlit) and prompt 1 the
+positive (well-lit) one. The encoding replaces open_clip's token lookup by the given embeddings: add the positional
 embedding, run the causal transformer (open_clip 3.x runs it batch-first and transposes internally when a model is
 not), final LayerNorm, then the projection at the end-of-text position taken from the tokenised init prompt.
 """
@@ -33,7 +33,7 @@ def init_eot_index(encoder, length: int = DEFAULT_PROMPT_LENGTH) -> int:
 def init_soft_prompts(encoder, num_prompts: int = 2, length: int = DEFAULT_PROMPT_LENGTH) -> torch.Tensor:
     """``[num_prompts, context_length, width]`` float32 token embeddings of the init prompt (a fresh tensor).
 
-    The model wraps the result in ``nn.Parameter``; the two prompts start identical (spec §2.1).
+    The model wraps the result in ``nn.Parameter``; the two prompts start identical, as in the CLIP-LIT code.
     """
     tokens = encoder.tokenize([init_prompt_text(length)] * num_prompts)
     with torch.no_grad():

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from rave_basicsr.inference.enhancer import Enhancer, resolve_tile
-from rave_basicsr.inference.weights import load_enhancement_network
+from rave_basicsr.inference.precision import DEFAULT_PRECISION
+from rave_basicsr.inference.weights import DEFAULT_WEIGHTS, load_enhancement_network
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.hardware import select_device
 from rave_basicsr.utils.image_io import IMAGE_EXTENSIONS, encode_image, is_image_file, read_image, write_image_atomic
@@ -140,7 +141,8 @@ def enhance_file(enhancer: Enhancer, source: Path, target: Path, tile: Optional[
 
 
 def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str, os.PathLike],
-                  weights: Union[str, os.PathLike] = 'rave_unpaired', device: str = 'auto', precision: str = 'auto',
+                  weights: Union[str, os.PathLike] = DEFAULT_WEIGHTS, device: str = 'auto',
+                  precision: str = DEFAULT_PRECISION,
                   tile: Optional[int] = None, recursive: bool = False, overwrite: bool = False,
                   output_format: str = 'same', outer_padding: str = 'reflect', division_eps: float = 0.0,
                   progress: bool = True, echo: Callable[[str], None] = print) -> EnhanceSummary:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, divide_by_illumination
-from rave_basicsr.inference.precision import prepare_network, resolve_precision
+from rave_basicsr.inference.precision import DEFAULT_PRECISION, prepare_network, resolve_precision
 from rave_basicsr.inference.tiling import HALO_FULL, tiled_forward
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.hardware import float32_math
@@ -40,7 +40,7 @@ class Enhancer:
     or copy it); :meth:`for_model` wraps a network that is being trained as it is, in fp32.
     """
 
-    def __init__(self, network: nn.Module, precision: str = 'auto', prepare: bool = True) -> None:
+    def __init__(self, network: nn.Module, precision: str = DEFAULT_PRECISION, prepare: bool = True) -> None:
         self.device = next(network.parameters()).device
         self.precision = resolve_precision(precision, self.device)
         if not isinstance(network, BacklitUNet):

@@ -31,6 +31,8 @@ from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.hardware import native_bf16
 
 PRECISIONS = ('auto', 'fp32', 'tf32', 'mixed', 'bf16', 'fp16')
+#: the precision of ``rave enhance`` and :class:`~rave_basicsr.inference.enhancer.Enhancer` when none is given
+DEFAULT_PRECISION = 'auto'
 #: the contiguous run of layers (in forward order) that the ``mixed`` precision computes in bfloat16
 MIXED_BF16_LAYERS = ('ResidualBlock1', 'ResidualBlock2', 'PPM1', 'condx', 'ResidualBlock3', 'ResidualBlock4',
                      'condy')

@@ -1,7 +1,8 @@
 """Exact tiled inference of :class:`BacklitUNet` for photos too large to process at once.
 
 Naive tiling is wrong for this network: its pyramid pooling averages the whole image. Tiled inference here gives
-the whole-image result (up to float rounding) in two passes (design: ``../shared/docs/exact-tiling.md``):
+the whole-image result (up to float rounding) in two passes (design: docs/inference.md, "Exact tiling for large
+photos"):
 
 1. statistics: each tile plus a 5-px halo (the receptive radius before the pooling) gives the exact pooling
    input on the tile; its sums are added into the adaptive-pooling regions it overlaps;

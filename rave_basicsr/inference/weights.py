@@ -21,6 +21,8 @@ from rave_basicsr.utils.file_io import file_sha256, rave_cache_dir
 _RAVE_URL = 'https://github.com/Atmyre/RAVE/raw/main/pretrained_models/{}'
 _CLIP_LIT_URL = 'https://github.com/ZhexinLiang/CLIP-LIT/raw/main/pretrained_models/enhancement_model.pth'
 
+#: the weights ``rave enhance`` uses when none are given
+DEFAULT_WEIGHTS = 'rave_unpaired'
 #: seconds to wait for the download server before giving up (offline machines fail fast)
 DOWNLOAD_TIMEOUT_S = 10.0
 

@@ -1,9 +1,12 @@
-"""Tensor-level CLIP guidance losses of CLIP-LIT, CLIP-LIT-Latent and RAVE (spec §1.3, §2.3, §2.5, §2.6, §4.2).
+"""Tensor-level CLIP guidance losses of CLIP-LIT, CLIP-LIT-Latent and RAVE.
+
+Sources (docs/references.md): CLIP-LIT code ``clip_score.py`` and ``train.py`` (identity, guidance, initialisation
+and ranking losses); RAVE code ``clip_score.py`` and ``train_rave.py`` (the residual-vector loss).
 
 The losses never own an encoder: the model encodes images with its frozen encoders and passes embeddings or
 feature lists. Each loss has ``loss_weight`` (default 1.0); the official factors — 22.5 (identity, 0.9 · 25),
 25 (identity warm-up), 320 (prompt/latent guidance, 16 · 20), 1920 (RAVE, 6 · 320) and 200 (ranking) — are set in
-the option files, so that a loss value read in isolation is the unscaled quantity of the spec. Every other default
+the option files, so that a loss value read in isolation is the unscaled quantity. Every other default
 reproduces the official code. The guidance pair is ``[2, D]``: row 0 negative (backlit), row 1 positive (well-lit).
 
 Every loss computes in float32, also inside a mixed-precision (autocast) region: matrix products are on autocast's
@@ -77,7 +80,7 @@ def negative_probability(embeds: torch.Tensor, guidance: torch.Tensor, logit_sca
 
 @LOSS_REGISTRY.register()
 class CLIPIdentityLoss(nn.Module):
-    """Identity (content) loss on encoder feature maps (spec §1.3).
+    """Identity (content) loss on encoder feature maps (CLIP-LIT code, ``clip_score.py``).
 
     ``L = reduce_b Σ_l w_l · MSE(Φ_l(out_b), Φ_l(in_b))`` with the MSE a mean over C×H×W. The originals *sum* over
     the batch (``batch_reduction: sum``) and use ``layer_weights [1, 1, 1, 1, 0.5]`` in guided training and
@@ -118,7 +121,7 @@ class CLIPIdentityLoss(nn.Module):
 
 @LOSS_REGISTRY.register()
 class PromptGuidanceLoss(nn.Module):
-    """CLIP-LIT / CLIP-LIT-Latent guidance (spec §2.5): probability that an image matches the negative member.
+    """CLIP-LIT / CLIP-LIT-Latent guidance: probability that an image matches the negative member.
 
     ``p_neg = softmax(scale · [cos(e, g_0), cos(e, g_1)])[0]``, reduced over the batch (official: mean).
     """
@@ -138,7 +141,7 @@ class PromptGuidanceLoss(nn.Module):
 
 @LOSS_REGISTRY.register()
 class PromptInitLoss(nn.Module):
-    """Prompt/latent initialisation (spec §2.3): cross-entropy of ``scale · ê · ĝᵀ`` with labels 0 backlit, 1 well-lit.
+    """Prompt/latent initialisation: cross-entropy of ``scale · ê · ĝᵀ`` with labels 0 backlit, 1 well-lit.
 
     Image features are L2-normalised here too (a no-op for the precomputed normalised features of the originals).
     """
@@ -162,7 +165,7 @@ class PromptInitLoss(nn.Module):
 
 @LOSS_REGISTRY.register()
 class PromptRankingLoss(nn.Module):
-    """Rank (margin) loss for prompt/latent refinement (spec §2.6), with S(I) = p_neg(I).
+    """Rank (margin) loss for prompt/latent refinement (CLIP-LIT code, ``train.py``), with S(I) = p_neg(I).
 
     ``forward(guidance, backlit, welllit, newest=None, previous=None)``; every set is a ``[B, D]`` embedding batch
     of one encoder, and every term is ``mean_b max(0, S(x2) - S(x1) + m)`` (``nn.MarginRankingLoss``):
@@ -172,8 +175,10 @@ class PromptRankingLoss(nn.Module):
     * 4 sets (``previous`` = I_{t-1}), official order ``S(b) > S(I_t) > S(I_{t-1}) > S(w)``:
       ``[S(w)-S(b)+0.9] + [S(I_t)-S(b)+0.9] + [S(I_{t-1})-S(I_t)+0.1] + [S(w)-S(I_{t-1})+0.1]``.
 
-    ``newest_closer_to_backlit: false`` swaps I_t and I_{t-1} in the 4-set case (the ordering recalled from the
-    paper, spec §12.1); ``margins`` overrides the (large, small) margin pair of each variant.
+    ``newest_closer_to_backlit: false`` swaps I_t and I_{t-1} in the 4-set case, the order the CLIP-LIT paper's
+    equation is recalled to use (not checked against its text); the default follows the code, which trained the
+    released prompts (docs/references.md, "Decisions"). ``margins`` overrides the (large, small) margin pair of
+    each variant.
     """
 
     DEFAULT_MARGINS = {2: (1.0, 0.2), 3: (0.9, 0.2), 4: (0.9, 0.1)}
@@ -221,7 +226,10 @@ class PromptRankingLoss(nn.Module):
 
 @LOSS_REGISTRY.register()
 class ResidualVectorLoss(nn.Module):
-    """RAVE loss (spec §4.2): ``reduce_b (cos(e_b, v_residual) - threshold)²`` (official: mean over the batch)."""
+    """RAVE loss: ``reduce_b (cos(e_b, v_residual) - threshold)²`` (official: mean over the batch).
+
+    This is the RAVE code's form (``clip_score.py``): it pulls each image's coordinate along the residual to the
+    well-lit mean's (``threshold``) rather than maximising the cosine."""
 
     def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean') -> None:
         super().__init__()

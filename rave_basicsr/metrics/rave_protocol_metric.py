@@ -1,4 +1,5 @@
-"""The RAVE paper's evaluation protocol as BasicSR metrics (spec §6.2), next to BasicSR's RGB/Y PSNR and SSIM.
+"""The RAVE paper's evaluation protocol (RAVE code, ``compute_metrics.py``) as BasicSR metrics, next to BasicSR's
+RGB/Y PSNR and SSIM.
 
 Inputs follow BasicSR's metric convention: ``img`` (result) and ``img2`` (ground truth) as uint8 HWC **BGR** arrays
 (``tensor2img``). The original script reads both images with ``cv2.imread`` (BGR) and converts them with

@@ -1,4 +1,5 @@
-"""CLIP-LIT (spec §2) and CLIP-LIT-Latent (spec §3) training on the shared staged model base.
+"""CLIP-LIT (CLIP-LIT code, ``train.py``) and CLIP-LIT-Latent (RAVE code, ``latent_training.py``, ``train.py``)
+training on the shared staged model base (sources: docs/references.md).
 
 ``guidance: prompt`` learns a soft-prompt pair ``[2, 77, width]`` that the text tower encodes (CLIP-LIT);
 ``guidance: latent`` learns two vectors ``[2, D]`` directly in the image-embedding space, N(0, 1) initialised, with
@@ -58,6 +59,7 @@ from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_load_safe, torch_save_atomic
 
+#: accepted values of the options ``guidance`` and ``rank_order``; the first of each is the default
 GUIDANCE_TYPES = ('prompt', 'latent')
 RANK_ORDERS = ('official', 'paper')
 DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_threshold': 60.0},
@@ -65,6 +67,12 @@ DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_thres
                   'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0}}
 DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 'batch_size': 8}
 DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
+DEFAULT_INIT_OPT = {'type': 'PromptInitLoss'}
+DEFAULT_GUIDANCE_OPT = {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0}
+DEFAULT_RANKING_OPT = {'type': 'PromptRankingLoss', 'loss_weight': 200.0}
+#: ``train: optim_guidance`` when not given; its learning rate depends on the guidance type
+DEFAULT_OPTIM_GUIDANCE = {'type': 'Adam', 'weight_decay': 1e-3}
+DEFAULT_GUIDANCE_LR = {'prompt': 5e-6, 'latent': 5e-4}
 #: keys under which saved pairs are accepted (ours, the original CLIP-LIT ``Prompts`` module, RAVE's latents)
 PAIR_KEYS = ('pair', 'embedding_prompt', 'guidance_embeddings')
 
@@ -76,7 +84,7 @@ class CLIPLITModel(BacklitBaseModel):
     ENCODERS = {'identity_encoder': 'identity', 'guidance_encoder': 'guidance'}
 
     def __init__(self, opt: dict) -> None:
-        self.guidance_type = opt.get('guidance', 'prompt')
+        self.guidance_type = opt.get('guidance', GUIDANCE_TYPES[0])
         if self.guidance_type not in GUIDANCE_TYPES:
             raise RaveError(f'option guidance must be one of {list(GUIDANCE_TYPES)} (prompt: CLIP-LIT, latent: '
                             f'CLIP-LIT-Latent), got {self.guidance_type!r}.')
@@ -87,12 +95,12 @@ class CLIPLITModel(BacklitBaseModel):
     def build_pair(self) -> torch.nn.Parameter:
         """A fresh pair (official init) or the one from ``path: pretrain_network_guidance``."""
         from rave_basicsr.guidance.frozen_encoder import check_embedding_size, require_text_tower
-        from rave_basicsr.guidance.prompts import init_eot_index, init_soft_prompts
+        from rave_basicsr.guidance.prompts import DEFAULT_PROMPT_LENGTH, init_eot_index, init_soft_prompts
 
         encoder = self.encoder('guidance_encoder')
         if self.guidance_type == 'prompt':
             require_text_tower(encoder, 'guidance: prompt (CLIP-LIT learned text prompts)')
-            length = self.opt.get('prompt_length', 16)
+            length = self.opt.get('prompt_length', DEFAULT_PROMPT_LENGTH)
             self.eot_index = init_eot_index(encoder, length)
             value = init_soft_prompts(encoder, 2, length)
         else:
@@ -136,13 +144,12 @@ class CLIPLITModel(BacklitBaseModel):
             dist.broadcast(self.pair_param.data, 0)
             world = self.opt['world_size']
             self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
-        self.cri_init = build_loss(dict(train_opt.get('init_opt') or {'type': 'PromptInitLoss'}))
-        self.cri_guidance = build_loss(dict(train_opt.get('guidance_opt')
-                                            or {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0}))
-        order = self.opt.get('rank_order', 'official')
+        self.cri_init = build_loss(dict(train_opt.get('init_opt') or DEFAULT_INIT_OPT))
+        self.cri_guidance = build_loss(dict(train_opt.get('guidance_opt') or DEFAULT_GUIDANCE_OPT))
+        order = self.opt.get('rank_order', RANK_ORDERS[0])
         if order not in RANK_ORDERS:
             raise RaveError(f'option rank_order must be one of {list(RANK_ORDERS)}, got {order!r}.')
-        ranking = dict(train_opt.get('ranking_opt') or {'type': 'PromptRankingLoss', 'loss_weight': 200.0})
+        ranking = dict(train_opt.get('ranking_opt') or DEFAULT_RANKING_OPT)
         ranking.setdefault('newest_closer_to_backlit', order == 'official')
         self.cri_ranking = build_loss(ranking)
 
@@ -203,8 +210,8 @@ class CLIPLITModel(BacklitBaseModel):
 
     def define_optimizers(self, train_opt: dict):
         optimizers = super().define_optimizers(train_opt)
-        default_lr = 5e-6 if self.guidance_type == 'prompt' else 5e-4
-        options = dict(train_opt.get('optim_guidance') or {'type': 'Adam', 'lr': default_lr, 'weight_decay': 1e-3})
+        options = dict(train_opt.get('optim_guidance')
+                       or dict(DEFAULT_OPTIM_GUIDANCE, lr=DEFAULT_GUIDANCE_LR[self.guidance_type]))
         optimizers['guidance'] = ([self.pair_param], options)
         return optimizers
 
@@ -349,7 +356,7 @@ class CLIPLITModel(BacklitBaseModel):
         return pair[1] - pair[0]
 
     def compute_metric(self, name: str, metric_opt: dict, result_img, gt_img, img_name: str) -> Optional[float]:
-        """The guidance score here is the mean probability of the well-lit member (spec §2.5's 1 - p_neg)."""
+        """The guidance score here is the mean probability of the well-lit member (1 - p_neg of the guidance loss)."""
         if metric_opt['type'] != 'calculate_guidance_score':
             return super().compute_metric(name, metric_opt, result_img, gt_img, img_name)
         with torch.no_grad():

@@ -1,6 +1,7 @@
-"""RAVE (spec §4): identity warm-up, then guided training with the residual-vector loss plus the identity loss.
+"""RAVE: identity warm-up, then guided training with the residual-vector loss plus the identity loss.
 
-Options beyond :mod:`rave_basicsr.models.backlit_base_model` (defaults reproduce the official code, spec §4.2):
+Options beyond :mod:`rave_basicsr.models.backlit_base_model` (defaults reproduce the official code, RAVE code
+``train_rave.py`` and ``clip_score.py``; sources: docs/references.md):
 
 ```yaml
 guidance_encoder: {type: open_clip, model: ViT-B-32, pretrained: openai}
@@ -107,7 +108,7 @@ class RAVEModel(BacklitBaseModel):
         return vector
 
     def shift_residual(self, vector, encoder, options: dict):
-        """The originals' shifted residual through the residual toolkit's debiasing (spec §4.4)."""
+        """The originals' shifted residual (RAVE code, ``train_rave.py``) through the residual toolkit's debiasing."""
         try:
             debias = importlib.import_module('rave_basicsr.residual.debias')
         except ImportError:

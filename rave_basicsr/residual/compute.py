@@ -1,4 +1,4 @@
-"""Computing RAVE's residual vector from a well-lit and a backlit image set (spec §4.1).
+"""Computing RAVE's residual vector from a well-lit and a backlit image set (RAVE code, ``train_rave.py``).
 
 The official definition: each image embedding is L2-normalised, each set's mean of normalised embeddings is
 re-normalised (``v_well_lit``, ``v_backlit``), the residual is ``normalize(v_well_lit - v_backlit)`` and the
@@ -194,7 +194,7 @@ def embed_source(encoder: Any, source: ImageSource, cfg: Optional[PreprocessConf
 def compute_residual(encoder: Any, well_lit: Any, backlit: Any, preprocess: Union[None, str, Mapping] = None,
                      batch_size: int = 16, num_workers: int = 0, strict: bool = False,
                      keep_embeddings: bool = False, progress: bool = True) -> ResidualVector:
-    """Embed both image sets with ``encoder`` and return their :class:`ResidualVector` (spec §4.1).
+    """Embed both image sets with ``encoder`` and return their :class:`ResidualVector` (definition: module docstring).
 
     ``well_lit`` / ``backlit``: a folder or LMDB path, or an ``ImageSource``. ``preprocess``: None (the originals'
     CLIP PIL transform, approximated), ``'encoder'`` or an option block. Unreadable images are skipped and listed in

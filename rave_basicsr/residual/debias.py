@@ -1,4 +1,4 @@
-"""Removing dataset biases from a residual vector (spec §4.4, step 3) and user-named concepts.
+"""Removing dataset biases (RAVE code, ``train_rave.py``) and user-named concepts from a residual vector.
 
 *Shifted residual* (the originals' ``rave_unpaired_shifted``): rank the vocabulary by cosine with the residual, take
 the ``top`` highest and ``bottom`` lowest entries, form the score-weighted means of their (unnormalised) text

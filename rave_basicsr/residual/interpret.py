@@ -1,4 +1,4 @@
-"""Reading a residual vector through the text tower: which words it points to (spec §4.4, steps 1-2).
+"""Reading a residual vector through the text tower: which words it points to (RAVE code, ``train_rave.py``).
 
 The vocabulary is ranked as the RAVE code does it: every token id ``i`` of the tokenizer is decoded to a string,
 that string is tokenised again as a whole prompt (``[SOT] tokens [EOT]``) and encoded by the text tower

@@ -1,4 +1,4 @@
-"""The residual vector of RAVE (spec §4.1) and its file format.
+"""The residual vector of RAVE (definition: :mod:`rave_basicsr.residual.compute`) and its file format.
 
 A residual file is a ``.safetensors`` file: the tensors ``residual``, ``well_lit_mean``, ``backlit_mean`` (and,
 when kept, ``embeddings.well_lit`` / ``embeddings.backlit``), with everything else as JSON strings in the
@@ -40,7 +40,7 @@ def _identity_difference(stored: Dict[str, Any], given: Dict[str, Any]) -> str:
 
 @dataclass
 class ResidualVector:
-    """A residual direction with the facts needed to use and audit it (spec §4.1).
+    """A residual direction with the facts needed to use and audit it.
 
     ``residual``, ``well_lit_mean`` and ``backlit_mean`` are float32 ``[D]`` unit vectors; ``threshold`` is
     ``<well_lit_mean, residual>``; ``counts`` the number of images behind each mean; ``encoder_identity`` the
