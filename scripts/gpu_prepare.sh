@@ -13,12 +13,12 @@
 # Idempotent: files already there are kept. Prints the size of both folders.
 #
 #   bash scripts/gpu_prepare.sh     # uses ./.venv (scripts/setup.sh); override with VENV=/path/to/venv and
-#                                   # RAVE_SHARED_DATA=/path/to/shared/data (default ../shared/data)
+#                                   # RAVE_SHARED_DATA=/path/to/shared/data (default: the tests' default,
+#                                   # tests/conftest.py's shared_data_dir)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 VENV=${VENV:-$REPO/.venv}
-SHARED=${RAVE_SHARED_DATA:-$REPO/../shared/data}
 WHEELS=$REPO/.whl
 DATA=$REPO/.gpu_data
 PY="$VENV/bin/python"
@@ -26,6 +26,7 @@ PY="$VENV/bin/python"
 die() { echo "gpu_prepare: error: $*" >&2; exit 2; }
 [ -x "$PY" ] || die "no virtualenv with torch and basicsr's build requirements at $VENV (run scripts/setup.sh, or set \
 VENV=/path/to/venv)"
+SHARED=${RAVE_SHARED_DATA:-$("$PY" -c "from tests.conftest import shared_data_dir; print(shared_data_dir())")}
 for folder in official_checkpoints backlit_samples reference_outputs; do
     [ -d "$SHARED/$folder" ] || die "$SHARED/$folder is missing (set RAVE_SHARED_DATA to the shared data folder)"
 done
