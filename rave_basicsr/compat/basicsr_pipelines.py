@@ -17,7 +17,7 @@ from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_load_safe,
 from rave_basicsr.utils.distributed import init_distributed, wrap_for_device
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import (OptionError, apply_overrides, build_argument_parser, check_registered_types,
-                                        load_option_file)
+                                        load_option_file, settle_empty_options)
 
 
 def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str]] = None) -> Tuple[dict, argparse.Namespace]:
@@ -36,6 +36,7 @@ def parse_options(root_path: str, is_train: bool = True, argv: Optional[List[str
     if opt['num_gpu'] and not torch.cuda.is_available():
         raise OptionError(f'{args.opt}: num_gpu is {opt["num_gpu"]} but no CUDA device is available; '
                           'use --force_yml num_gpu=0 to run on the CPU.')
+    settle_empty_options(opt, is_train)
     check_registered_types(opt)
 
     if args.launcher == 'none':

@@ -50,6 +50,7 @@ from rave_basicsr.models.validation import ValidationMixin
 from rave_basicsr.models.warmup_guard import WarmupReinitGuard
 from rave_basicsr.utils.distributed import wrap_for_device
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.options import option_block
 
 DEFAULT_IDENTITY_OPT = {'type': 'CLIPIdentityLoss', 'loss_weight': 22.5, 'layer_weights': [1, 1, 1, 1, 0.5],
                         'batch_reduction': 'sum'}
@@ -130,7 +131,7 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
         for key in self.ENCODERS:
             self.encoder(key)
         self.cri_identity = build_loss(dict(train_opt.get('identity_opt') or DEFAULT_IDENTITY_OPT))
-        warmup = dict(DEFAULT_WARMUP, **(train_opt.get('warmup') or {}))
+        warmup = option_block(train_opt, 'warmup', DEFAULT_WARMUP, 'train:warmup', tilde_keys=('reinit_psnr',))
         self.warmup_opt = warmup
         self.cri_warmup = build_loss(dict(warmup['identity_opt']))
         self.warmup_guard = WarmupReinitGuard(warmup['reinit_psnr'], warmup['reinit_after'], warmup['reinit_window'],

@@ -56,8 +56,9 @@ from rave_basicsr.losses.clip_guidance_loss import member_probabilities
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.results_bank import ResultsBank
 from rave_basicsr.models.stages import StageSchedule, StageSpec
-from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_load_safe, torch_save_atomic
+from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.options import option_block
 
 #: accepted values of the options ``guidance`` and ``rank_order``; the first of each is the default
 GUIDANCE_TYPES = ('prompt', 'latent')
@@ -153,7 +154,7 @@ class CLIPLITModel(BacklitBaseModel):
         ranking.setdefault('newest_closer_to_backlit', order == 'official')
         self.cri_ranking = build_loss(ranking)
 
-        results = dict(DEFAULT_RESULTS, **(self.opt.get('results') or {}))
+        results = option_block(self.opt, 'results', DEFAULT_RESULTS, 'results')
         if results['at'] not in ('best', 'end'):
             raise RaveError(f'option results:at must be best or end, got {results["at"]!r}.')
         for key in ('display_iter', 'window', 'size', 'batch_size'):
@@ -161,7 +162,7 @@ class CLIPLITModel(BacklitBaseModel):
                 raise RaveError(f'option results:{key} must be a positive integer, got {results[key]!r}.')
         self.results_opt = results
 
-        data_opt = dict(DEFAULT_PROMPT_DATA, **(self.opt.get('prompt_data') or {}))
+        data_opt = option_block(self.opt, 'prompt_data', DEFAULT_PROMPT_DATA, 'prompt_data')
         if not data_opt.get('dataroot_welllit'):
             raise RaveError('option prompt_data:dataroot_welllit is missing: the folder or LMDB of well-lit images '
                             'the prompt stages contrast with the backlit ones (unpaired: DIV2K_384; paired: the '
@@ -186,7 +187,8 @@ class CLIPLITModel(BacklitBaseModel):
         return grad / world
 
     def define_stages(self, train_opt: dict) -> StageSchedule:
-        options = {name: dict(defaults, **(train_opt.get(name) or {})) for name, defaults in DEFAULT_STAGES.items()}
+        options = {name: option_block(train_opt, name, defaults, f'train:{name}')
+                   for name, defaults in DEFAULT_STAGES.items()}
         for name, stage in options.items():
             iters = stage['iters']
             if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:

@@ -37,6 +37,7 @@ from basicsr.utils.registry import MODEL_REGISTRY
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.options import option_block
 
 DEFAULT_GUIDANCE_OPT = {'type': 'ResidualVectorLoss', 'loss_weight': 1920.0}
 DEFAULT_GUIDED = {'block_iters': 2100, 'extend_by': 60, 'extend_threshold': 90.0}
@@ -80,7 +81,7 @@ class RAVEModel(BacklitBaseModel):
         from rave_basicsr.residual.compute import compute_residual
         from rave_basicsr.residual.vector import ResidualVector
 
-        options = self.opt.get('residual') or {}
+        options = option_block(self.opt, 'residual', {}, 'residual')
         if options.get('path'):
             vector = ResidualVector.load(options['path'])
             vector.check_encoder(encoder)
@@ -141,7 +142,7 @@ class RAVEModel(BacklitBaseModel):
 
     # ---- stages and losses
     def define_stages(self, train_opt: dict) -> StageSchedule:
-        guided = dict(DEFAULT_GUIDED, **(train_opt.get('guided') or {}))
+        guided = option_block(train_opt, 'guided', DEFAULT_GUIDED, 'train:guided', tilde_keys=('block_iters',))
         warmup = self.warmup_stage(train_opt)
         if guided['block_iters'] is None:
             return StageSchedule([warmup, StageSpec('guided', None, 'net_g')])

@@ -10,7 +10,7 @@ import argparse
 import difflib
 from collections import OrderedDict
 from os import path as osp
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 
@@ -151,3 +151,90 @@ def check_registered_types(opt: dict) -> None:
     for name, metric_opt in ((opt.get('val') or {}).get('metrics') or {}).items():
         if isinstance(metric_opt, dict):
             check(METRIC_REGISTRY, metric_opt.get('type'), f'val:metrics:{name}:type')
+
+
+def settle_empty_options(opt: dict, is_train: bool) -> None:
+    """Give every option that is present but empty (``~``) its meaning, or a clear error naming it.
+
+    ``~`` switches off what BasicSR users switch off by leaving it out: a validation metric
+    (``val:metrics:NAME``), all metrics (``val:metrics``), validation (``val``), a validation or test set
+    (``datasets:NAME``, not the training set), a wandb or tensorboard block (``logger:wandb``), a learning-rate
+    scheduler (``train:scheduler``, the plugin's models only) and the EMA copy (``train:ema_decay`` becomes 0).
+    Blocks a run cannot do without (``datasets``, ``datasets:train``, ``path``, ``train``, ``logger``, every
+    ``network_*``, an optimiser), a ``type``, and a value inside a metric or optimiser block are errors naming the key:
+    leave such a key out to get its default.
+    """
+    def where(*keys) -> str:
+        return ':'.join(keys)
+
+    def require_block(value: Any, *keys) -> None:
+        if not isinstance(value, dict):
+            what = 'empty (~)' if value is None else f'{value!r}, not a block of options'
+            raise OptionError(f'option {where(*keys)} is {what}; this run needs it (see the option files in '
+                              'options/).')
+
+    def no_empty_leaves(block: dict, *keys) -> None:
+        for key, value in block.items():
+            if value is None:
+                hint = 'name the registered type' if key == 'type' else 'give a value, or leave the key out for its default'
+                raise OptionError(f'option {where(*keys, key)} is empty (~); {hint}.')
+
+    for key in ('datasets', 'path') + (('train', 'logger') if is_train else ()):
+        require_block(opt.get(key), key)
+    for key in [k for k in opt if k.startswith('network_')]:
+        require_block(opt[key], key)
+        if opt[key].get('type') is None:
+            raise OptionError(f'option {key}:type is empty (~); name the registered network (e.g. BacklitUNet).')
+    for phase in list(opt['datasets']):
+        if opt['datasets'][phase] is None and not (is_train and phase == 'train'):
+            del opt['datasets'][phase]  # an unused validation or test set
+            continue
+        require_block(opt['datasets'][phase], 'datasets', phase)
+        if opt['datasets'][phase].get('type', '') is None:
+            raise OptionError(f'option datasets:{phase}:type is empty (~); name the registered dataset.')
+    if is_train:
+        require_block(opt['datasets'].get('train'), 'datasets', 'train')
+        train = opt['train']
+        if 'ema_decay' in train and train['ema_decay'] is None:
+            train['ema_decay'] = 0
+        for key, value in train.items():
+            if key.startswith('optim_'):
+                require_block(value, 'train', key)
+                no_empty_leaves(value, 'train', key)
+            elif key.endswith('_opt') and isinstance(value, dict) and 'type' in value and value['type'] is None:
+                raise OptionError(f'option train:{key}:type is empty (~); name the registered loss, or set '
+                                  f'train:{key}: ~ to use the default.')
+        warmup = train.get('warmup')
+        if isinstance(warmup, dict) and isinstance(warmup.get('optim'), dict):
+            no_empty_leaves(warmup['optim'], 'train', 'warmup', 'optim')
+    if not is_train:
+        require_block(opt.get('val'), 'val')  # basicsr test reads val:save_img
+    logger = opt.get('logger')
+    if isinstance(logger, dict):
+        for key in [k for k, v in logger.items() if v is None and k in ('wandb', 'tensorboard')]:
+            del logger[key]
+    val = opt.get('val')
+    if isinstance(val, dict):
+        if val.get('metrics') is None and 'metrics' in val:
+            val['metrics'] = {}
+        metrics = val.get('metrics') or {}
+        require_block(metrics, 'val', 'metrics')
+        for name in list(metrics):
+            if metrics[name] is None:
+                del metrics[name]  # this metric switched off
+                continue
+            require_block(metrics[name], 'val', 'metrics', name)
+            no_empty_leaves(metrics[name], 'val', 'metrics', name)
+
+
+def option_block(opt: Mapping, key: str, defaults: Mapping, where: str, tilde_keys: Iterable[str] = ()) -> dict:
+    """``opt[key]`` over ``defaults``, for the plugin's own option blocks: a missing or empty (``~``) block, and an
+    empty key inside it, take the default; only ``tilde_keys`` give ``~`` a meaning of its own (e.g.
+    ``warmup:reinit_psnr: ~`` turns the guard off)."""
+    block = opt.get(key)
+    if block is None:
+        block = {}
+    if not isinstance(block, Mapping):
+        raise OptionError(f'option {where} must be a block of options (key: value lines), got {block!r}.')
+    tilde_keys = set(tilde_keys)
+    return dict(defaults, **{k: v for k, v in block.items() if v is not None or k in tilde_keys})
