@@ -78,6 +78,7 @@ def test_training_state_is_loaded_onto_the_cpu_when_the_run_uses_a_gpu(tmp_path,
     path = tmp_path / '4.state'
     torch_save_atomic({'epoch': 1, 'iter': 4, 'optimizers': [{'state': {0: {'step': torch.tensor(4.0)}}}],
                        'backlit': {'rng': [{'torch': torch.get_rng_state()}]}}, path)
+    torch_save_atomic({'params': BacklitUNet().state_dict()}, tmp_path / 'net_g_4.pth')
     opt = {'auto_resume': False, 'num_gpu': 1, 'name': 'x', 'network_g': {'type': 'BacklitUNet'},
            'path': {'resume_state': str(path), 'models': str(tmp_path)}}
     state = load_resume_state(opt)
@@ -397,7 +398,7 @@ def test_fp32_inference_switches_tf32_off(monkeypatch, precision, expected):
     seen = []
     network = BacklitUNet()
     network.cond1.register_forward_hook(lambda *args: seen.append(torch.backends.cudnn.conv.fp32_precision))
-    monkeypatch.setattr(enhancer_module, 'resolve_precision', lambda precision, device: precision)  # tf32 kept on CPU
+    monkeypatch.setattr(enhancer_module, 'resolve_precision', lambda precision, device, **_: precision)  # tf32 kept on CPU
     before = torch.backends.cudnn.conv.fp32_precision
     Enhancer(network, precision).enhance(torch.rand(1, 3, 16, 16))
     Enhancer(network, precision).enhance(torch.rand(1, 3, 40, 40), tile=16)

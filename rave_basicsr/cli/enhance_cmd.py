@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         '(as in official training)')
     parser.add_argument('--eps', dest='division_eps', type=float, default=0.0,
                         help='epsilon in I / (L + eps); 0 (default) as in official inference')
+    parser.add_argument('--network', dest='network_file', default=None, metavar='OPTION_FILE',
+                        help='a BasicSR option file whose network_g the weights belong to, for networks other than '
+                        'BacklitUNet (found by itself for checkpoints in experiments/<name>/models/)')
     parser.add_argument('--quiet', action='store_true', help='no progress bar or per-image lines')
 
 
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
                             precision=args.precision, tile=args.tile, recursive=args.recursive,
                             overwrite=args.overwrite, output_format=args.output_format,
                             outer_padding=args.outer_padding, division_eps=args.division_eps,
-                            progress=not args.quiet, echo=lambda text: print(text, file=sys.stderr))
+                            network_file=args.network_file, progress=not args.quiet,
+                            echo=(lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr)))
     print(summary.describe())
     return 0 if summary.ok else 1

@@ -129,6 +129,16 @@ def output_extension(source: Path, output_format: str) -> str:
     return OUTPUT_FORMATS[output_format]
 
 
+def network_block(option_file: Union[str, os.PathLike]) -> dict:
+    """The ``network_g`` block of a BasicSR option file (``--network``)."""
+    from rave_basicsr.utils.options import load_option_file
+
+    block = load_option_file(os.fspath(option_file)).get('network_g')
+    if not isinstance(block, dict) or not block.get('type'):
+        raise RaveError(f'--network {os.fspath(option_file)}: the file has no network_g block with a type.')
+    return dict(block)
+
+
 def enhance_file(enhancer: Enhancer, source: Path, target: Path, tile: Optional[int] = None) -> Optional[int]:
     """Read ``source``, enhance it and write ``target`` atomically with the source's bit depth, alpha and grey-ness
     (as far as the target format allows). Returns the tile size an out-of-memory retry used, or None."""
@@ -145,12 +155,14 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
                   precision: str = DEFAULT_PRECISION,
                   tile: Optional[int] = None, recursive: bool = False, overwrite: bool = False,
                   output_format: str = 'same', outer_padding: str = 'reflect', division_eps: float = 0.0,
-                  progress: bool = True, echo: Callable[[str], None] = print) -> EnhanceSummary:
+                  network_file: Optional[Union[str, os.PathLike]] = None, progress: bool = True,
+                  echo: Callable[[str], None] = print) -> EnhanceSummary:
     """Enhance files and folders into ``out_dir`` (created if missing) and return what happened.
 
     Existing outputs are skipped unless ``overwrite``; an unreadable input is recorded in ``failed`` and the rest
     go on. Defaults reproduce the official inference (reflect padding, no epsilon) at the precision the hardware
-    runs fastest within one grey level of fp32 (``auto``).
+    runs fastest within one grey level of fp32 (``auto``). ``network_file``: an option file whose ``network_g``
+    the weights belong to (another BasicSR arch than BacklitUNet; found by itself for experiment checkpoints).
     """
     from tqdm import tqdm
 
@@ -163,7 +175,8 @@ def enhance_files(inputs: Sequence[Union[str, os.PathLike]], out_dir: Union[str,
     if not jobs:  # nothing to enhance: say so before loading (or downloading) any weights
         summary.seconds = time.perf_counter() - started
         return summary
-    network = load_enhancement_network(weights, outer_padding, division_eps, torch_device)
+    network = load_enhancement_network(weights, outer_padding, division_eps, torch_device,
+                                       network_opt=None if network_file is None else network_block(network_file))
     enhancer = Enhancer(network, precision)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

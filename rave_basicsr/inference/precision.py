@@ -38,13 +38,17 @@ MIXED_BF16_LAYERS = ('ResidualBlock1', 'ResidualBlock2', 'PPM1', 'condx', 'Resid
                      'condy')
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, backlit_unet: bool = True) -> str:
     """The precision to run: ``auto`` becomes ``mixed`` or ``fp32`` (see the module docstring); fp16 on the CPU
-    becomes fp32; emulated bfloat16 and CPU TF32 are run as asked, with a warning."""
+    becomes fp32; emulated bfloat16 and CPU TF32 are run as asked, with a warning. ``mixed`` is defined for
+    ``BacklitUNet`` only (``backlit_unet=False``: other networks, whose ``auto`` is fp32)."""
     if precision not in PRECISIONS:
         raise RaveError(f'--precision {precision!r}: use one of {", ".join(PRECISIONS)}.')
     if precision == 'auto':
-        return 'mixed' if native_bf16(device) else 'fp32'
+        return 'mixed' if backlit_unet and native_bf16(device) else 'fp32'
+    if precision == 'mixed' and not backlit_unet:
+        raise RaveError('--precision mixed is defined for BacklitUNet (bfloat16 in the middle of its layers); use '
+                        'fp32, tf32, bf16 or fp16 for other networks.')
     if precision == 'fp16' and device.type == 'cpu':
         warnings.warn('--precision fp16 is not supported on the CPU; computing in fp32 (bf16 and mixed are the fast '
                       'reduced precisions on CPUs that have native bfloat16).', stacklevel=2)

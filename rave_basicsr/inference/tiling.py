@@ -13,7 +13,7 @@ Halo regions are clipped at the image border, so border padding matches the whol
 seams only touches halo pixels, which are discarded. Peak memory depends on the tile size, not the image size.
 """
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -173,3 +173,38 @@ def tiled_forward(network: BacklitUNet, image: torch.Tensor, tile: int, device: 
         if light is not None:
             light[:, :, y0:y1, x0:x1] = inner_light.to(light.device)
     return (enhanced, light) if return_illumination else enhanced
+
+
+def aligned_ranges(size: int, tile: int, align: int) -> List[Tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``tile`` (rounded up to ``align``) covering ``0..size``, every start a
+    multiple of ``align``."""
+    step = -(-tile // align) * align
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def overlapping_tiled_forward(run: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, tile: int,
+                              overlap: int, align: int = 1) -> torch.Tensor:
+    """Tiled inference for networks other than :class:`BacklitUNet`: each ``tile``-px tile is computed with an
+    ``overlap``-px margin of real neighbouring pixels (clipped at the image border) and only its interior is kept.
+
+    ``run`` maps an N×C×h×w region to the enhanced region of the same size (on the image's device). Tiles and
+    margins start at multiples of ``align`` (a window-attention network's window size), so that every region
+    partitions the image into the same windows as the whole image does. The result equals the whole-image one for
+    networks whose receptive field is within ``overlap`` pixels (convolutional networks without global pooling or
+    attention across the image); for others it is an approximation whose seams shrink as the overlap grows. Peak
+    memory depends on the tile size, not the image size.
+    """
+    height, width = image.shape[-2:]
+    overlap = -(-overlap // align) * align
+    enhanced = None
+    tiles = [(y0, y1, x0, x1) for y0, y1 in aligned_ranges(height, tile, align)
+             for x0, x1 in aligned_ranges(width, tile, align)]
+    for y0, y1, x0, x1 in tiles:
+        ry0, ry1 = _with_halo(y0, y1, overlap, height)
+        rx0, rx1 = _with_halo(x0, x1, overlap, width)
+        region = run(image[:, :, ry0:ry1, rx0:rx1])
+        if enhanced is None:
+            enhanced = torch.empty(image.shape[0], region.shape[1], height, width, dtype=region.dtype,
+                                   device=image.device)
+        enhanced[:, :, y0:y1, x0:x1] = region[:, :, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0].to(image.device)
+    return enhanced

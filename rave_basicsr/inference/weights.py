@@ -132,15 +132,50 @@ def check_state_dict_matches(network: torch.nn.Module, state: dict, source: str)
             if keys:
                 shown = ', '.join(keys[:6]) + (f' and {len(keys) - 6} more' if len(keys) > 6 else '')
                 parts.append(f'{label}: {shown}')
-        raise RaveError(f'{source} does not fit the enhancement network (BacklitUNet): {"; ".join(parts)}.')
+        hint = (' If it was trained with another network_g, pass that option file with --network FILE.'
+                if isinstance(network, _backlit_unet()) else '')
+        raise RaveError(f'{source} does not fit the enhancement network ({type(network).__name__}): '
+                        f'{"; ".join(parts)}.{hint}')
+
+
+def _backlit_unet():
+    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+
+    return BacklitUNet
+
+
+def experiment_network(spec: Union[str, os.PathLike]) -> Optional[dict]:
+    """The ``network_g`` block of the BasicSR experiment a checkpoint belongs to (``experiments/<name>/models/
+    net_g_*.pth``: BasicSR copies the option file to ``experiments/<name>/``), or None."""
+    from rave_basicsr.utils.options import load_option_file
+
+    path = Path(os.fspath(spec))
+    if path.parent.name != 'models' or not path.is_file():
+        return None
+    option_files = sorted(path.parent.parent.glob('*.yml'), key=lambda p: p.stat().st_mtime)
+    if not option_files:
+        return None
+    block = load_option_file(str(option_files[-1])).get('network_g')
+    return dict(block) if isinstance(block, dict) else None
 
 
 def load_enhancement_network(spec: Union[str, os.PathLike], outer_padding: str = 'reflect', division_eps: float = 0.0,
-                             device: Optional[Union[str, torch.device]] = None) -> torch.nn.Module:
-    """A :class:`BacklitUNet` in eval mode with weights ``spec``; defaults reproduce the official inference."""
-    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+                             device: Optional[Union[str, torch.device]] = None,
+                             network_opt: Optional[dict] = None) -> torch.nn.Module:
+    """The enhancement network in eval mode with weights ``spec``: a :class:`BacklitUNet` (defaults reproduce the
+    official inference), or the network a ``network_g`` block describes (``network_opt``; by default the one of
+    the BasicSR experiment ``spec`` comes from), for any other registered arch."""
+    from basicsr.archs import build_network
 
-    network = BacklitUNet(outer_padding=outer_padding, division_eps=division_eps)
+    network_opt = network_opt if network_opt is not None else experiment_network(spec)
+    if network_opt is None or network_opt.get('type') == 'BacklitUNet':
+        network = _backlit_unet()(outer_padding=outer_padding, division_eps=division_eps)
+    else:
+        try:
+            network = build_network(dict(network_opt))
+        except (KeyError, TypeError) as exc:
+            raise RaveError(f'network_g {network_opt}: cannot be built ({exc}); check the option file that '
+                            'describes it (--network).') from None
     state = load_enhancement_state_dict(spec)
     check_state_dict_matches(network, state, f'weights {os.fspath(spec)!r}')
     network.load_state_dict(state)

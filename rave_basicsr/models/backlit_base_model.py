@@ -364,12 +364,16 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
 
     def reinitialise_network(self) -> None:
         """Draw every parameter of the network again (rank 0's on every rank), with a fresh optimiser that the
-        learning-rate schedulers follow, and lengthen the warm-up."""
+        learning-rate schedulers follow, and lengthen the warm-up. A network without its own
+        ``reset_parameters`` (any BasicSR arch) gets each layer's PyTorch default initialisation."""
         net = self.get_bare_model(self.net_g)
-        if not hasattr(net, 'reset_parameters'):
-            raise RaveError(f'train:warmup:reinit_psnr needs a network with reset_parameters(); '
+        layers = [net] if hasattr(net, 'reset_parameters') else [m for m in net.modules() if
+                                                                   hasattr(m, 'reset_parameters')]
+        if not layers:
+            raise RaveError(f'train:warmup:reinit_psnr needs a network whose layers can be re-initialised; '
                             f'{type(net).__name__} has none. Set train:warmup:reinit_psnr: ~.')
-        net.reset_parameters()
+        for layer in layers:
+            layer.reset_parameters()
         if self.opt['dist']:
             for tensor in net.state_dict().values():
                 dist.broadcast(tensor, 0)
@@ -399,19 +403,11 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
         with ``basicsr test``). ``val: tile`` tiles large images exactly, as ``rave enhance`` does: ``~`` (default)
         tiles images above one megapixel, 0 never, N uses N-px tiles; 12-24 MP photos then fit on any GPU.
         """
-        from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
         from rave_basicsr.inference.enhancer import Enhancer
 
         net = self.net_g_ema if hasattr(self, 'net_g_ema') else self.get_bare_model(self.net_g)
-        if isinstance(net, BacklitUNet):
-            tile = (self.opt.get('val') or {}).get('tile')
-            self.output, self.illumination = Enhancer.for_model(net).enhance(self.lq, tile, return_illumination=True)
-            return
-        was_training = net.training
-        net.eval()
-        with torch.no_grad():
-            self.output, self.illumination = net(self.lq).float(), None
-        net.train(was_training)
+        tile = (self.opt.get('val') or {}).get('tile')
+        self.output, self.illumination = Enhancer.for_model(net).enhance(self.lq, tile, return_illumination=True)
 
     def model_to_device(self, net: torch.nn.Module) -> torch.nn.Module:
         """BasicSR's wrapping (DDP, DataParallel), CPU DDP included."""
