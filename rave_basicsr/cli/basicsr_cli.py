@@ -8,6 +8,7 @@ import traceback
 from typing import List, Optional
 
 from rave_basicsr.compat import run_basicsr_pipeline
+from rave_basicsr.utils.checkpoint import CheckpointWriteError
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.plugins import load_plugins, registered_components
 
@@ -51,6 +52,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f'basicsr: unknown command {command!r}\n\n{USAGE}', file=sys.stderr)
             return 2
     except Exception as exc:
+        if isinstance(exc, CheckpointWriteError) and command == 'train':
+            again = ' '.join(arg for arg in rest if arg != '--auto_resume')
+            exc = CheckpointWriteError(f'{exc} Training stopped there. Free space (or fix the folder), then continue '
+                                       f'with: basicsr train {again} --auto_resume (it resumes from the newest '
+                                       'complete checkpoint).')
         end_distributed_run_on_error(command, exc)
         if not isinstance(exc, RaveError):
             raise

@@ -7,6 +7,7 @@ uses ``weights_only=True`` and turns the refusal of a pickled object into a mess
 files of any origin (official ``.pth``, BasicSR checkpoints, timm / open_clip ``.safetensors``) become a plain
 state dict through :func:`read_state_dict`.
 """
+import errno
 import os
 import tempfile
 from collections import OrderedDict
@@ -25,18 +26,30 @@ IMAGE_MAGICS = (b'\x89PNG', b'\xff\xd8\xff\xe0', b'\xff\xd8\xff\xe1', b'\xff\xd8
 STATE_DICT_KEYS = ('params_ema', 'params', 'state_dict', 'model')
 
 
+class CheckpointWriteError(RaveError):
+    """A checkpoint could not be written (disk full, no permission...); nothing that was saved before changed."""
+
+
 def torch_save_atomic(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """``torch.save`` to ``path`` atomically (the parent folder is created)."""
+    """``torch.save`` to ``path`` atomically (the parent folder is created). A failed write (a full disk) removes
+    its temporary file and raises :class:`CheckpointWriteError`: ``path`` and every earlier file stay as they were."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    except OSError as exc:
+        raise CheckpointWriteError(f'cannot write {path}: {exc.strerror or exc}.') from None
     try:
         with os.fdopen(handle, 'wb') as stream:
             torch.save(obj, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
+    except OSError as exc:
+        reason = 'the disk is full' if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise CheckpointWriteError(f'cannot write {path} ({reason}); it was not written and nothing saved before '
+                                   'was changed.') from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
