@@ -10,7 +10,7 @@ from basicsr.data import build_dataset
 from basicsr.models import build_model
 
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.options import OptionError, apply_overrides, settle_empty_options
+from rave_basicsr.utils.options import apply_overrides, settle_empty_options
 from tests.clip_lit_helpers import clip_lit_options
 from tests.pipeline_helpers import run_basicsr, write_options
 from tests.rave_helpers import demo_data, model_options, rave_options
