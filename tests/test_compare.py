@@ -24,7 +24,7 @@ import torch
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
 from rave_basicsr.cli.rave_cli import main as rave_main
 from rave_basicsr.inference import compare
-from rave_basicsr.inference.compare import assign_labels, resolve_model_spec, split_label
+from rave_basicsr.inference.compare_plan import assign_labels, resolve_model_spec, split_label
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from tests.pipeline_helpers import single_thread_env, write_options

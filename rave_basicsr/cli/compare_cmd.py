@@ -2,7 +2,8 @@
 import argparse
 import sys
 
-from rave_basicsr.inference.compare import DEFAULT_METRICS, METRICS, compare_models
+from rave_basicsr.inference.compare import compare_models
+from rave_basicsr.inference.compare_plan import DEFAULT_METRICS, METRICS
 from rave_basicsr.inference.compare_report import markdown_table, mean_table
 from rave_basicsr.inference.enhancer import AUTO_TILE
 from rave_basicsr.inference.precision import PRECISIONS

@@ -25,7 +25,7 @@ import numpy as np
 from rave_basicsr.utils.image_io import write_image_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from rave_basicsr.inference.compare import CompareResult
+    from rave_basicsr.inference.compare_plan import CompareResult
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _TEXT = (40, 40, 40)
@@ -106,7 +106,7 @@ def _number(value: Optional[float]) -> str:
 
 
 def _best(result: 'CompareResult', metric: str, values: Dict[str, Optional[float]]) -> Optional[float]:
-    from rave_basicsr.inference.compare import METRICS
+    from rave_basicsr.inference.compare_plan import METRICS
 
     present = [v for v in values.values() if v is not None]
     if len(present) < 2:
@@ -121,7 +121,7 @@ def _mean_cell(result: 'CompareResult', label: str, metric: str) -> str:
 
 
 def _header(metric: str) -> str:
-    from rave_basicsr.inference.compare import METRICS
+    from rave_basicsr.inference.compare_plan import METRICS
 
     return f'{METRICS[metric].title} {"↑" if METRICS[metric].better == "higher" else "↓"}'
 
@@ -174,7 +174,7 @@ def describe_run(result: 'CompareResult') -> str:
 
 def markdown_report(result: 'CompareResult') -> str:
     """The whole ``results.md``."""
-    from rave_basicsr.inference.compare import METRICS
+    from rave_basicsr.inference.compare_plan import METRICS
 
     parts = ['# rave compare', '', describe_run(result), '', '## Mean over images', '']
     parts += [markdown_table(mean_table(result)) if result.metrics else 'No metric could be computed.', '']
@@ -327,7 +327,7 @@ def _code_spans(markdown: str) -> str:
 
 def html_report(result: 'CompareResult', grid: bool) -> str:
     """The whole ``index.html`` (self-contained apart from the images it shows by relative path)."""
-    from rave_basicsr.inference.compare import METRICS
+    from rave_basicsr.inference.compare_plan import METRICS
 
     parts = ['<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
              f'<title>rave compare: {len(result.models)} models on {len(result.images)} images</title>',
