@@ -159,6 +159,16 @@ def test_one_rank_killed_ends_the_other_within_seconds_naming_it(data, tmp_path)
     assert 'rank      : 1' in output and 'SIGKILL' in output
 
 
+def kill_when(command: list, ready, limit: float = 120) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``ready()`` is true (or after ``limit`` seconds)."""
+    process = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and not ready():
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+
+
 def test_interrupted_prepare_lmdb_then_rerun(tmp_path):
     source = tmp_path / 'images'
     source.mkdir()
@@ -167,12 +177,7 @@ def test_interrupted_prepare_lmdb_then_rerun(tmp_path):
         cv2.imwrite(str(source / f'{index:03d}.png'), rng.integers(0, 256, (160, 160, 3), dtype=np.uint8))
     target = tmp_path / 'set.lmdb'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'prepare-lmdb', str(source), str(target)]
-    process = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / 'set.lmdb.partial' / 'data.mdb').exists():
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    kill_when(command, lambda: (tmp_path / 'set.lmdb.partial' / 'data.mdb').exists())
     assert not target.exists()  # an interrupted build never looks complete
     rerun = subprocess.run(command + ['--verify'], env=single_thread_env(), capture_output=True, text=True,
                            timeout=120)
@@ -200,12 +205,7 @@ def test_interrupted_enhance_then_rerun(tmp_path):
     out = tmp_path / 'out'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(photos), '-o', str(out),
                '--weights', str(tmp_path / 'net.pth'), '--device', 'cpu', '--precision', 'fp32', '--quiet']
-    process = subprocess.Popen(command, env=single_thread_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(out.glob('*.png'))) < 2:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
+    kill_when(command, lambda: len(list(out.glob('*.png'))) >= 2)
     finished = sorted(p.name for p in out.glob('*.png'))
     assert 2 <= len(finished) < 8
     for name in finished:  # every output under its final name is complete
