@@ -10,7 +10,6 @@ Writes bench/results/guidance_step.json and guidance_step.md.
 """
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -27,52 +26,6 @@ CONFIGS = [
 ]
 
 
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, 1, 1, bias=False, padding_mode='reflect')
-        self.conv2 = nn.Conv2d(c, c, 3, 1, 1, bias=False, padding_mode='reflect')
-        self.act = nn.LeakyReLU(0.2)
-
-    def forward(self, x):
-        return self.act(self.conv2(self.act(self.conv1(x))) + x)
-
-
-class StandInUNet(nn.Module):
-    """Same layer shapes as the originals' network (278,790 parameters); used only when BacklitUNet is not merged
-    yet."""
-
-    def __init__(self):
-        super().__init__()
-        self.cond1 = nn.Conv2d(3, 32, 3, 1, 1)
-        self.blocks1 = nn.Sequential(_Block(32), _Block(32))
-        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(32, 8, 1, bias=False), nn.PReLU())
-                                  for b in (1, 2, 3, 6)])
-        self.fuse = nn.Sequential(nn.Conv2d(64, 32, 3, padding=1, bias=False), nn.PReLU())
-        self.condx = nn.Conv2d(32, 64, 3, 1, 1)
-        self.blocks2 = nn.Sequential(_Block(64), _Block(64))
-        self.condy = nn.Conv2d(64, 32, 3, 1, 1)
-        self.blocks3 = nn.Sequential(_Block(32), _Block(32))
-        self.cond_add1 = nn.Conv2d(32, 1, 3, 1, 1)
-
-    def forward(self, x):
-        h = self.blocks1(nn.functional.leaky_relu(self.cond1(x), 0.2))
-        size = h.shape[-2:]
-        pooled = [nn.functional.interpolate(p(h), size=size, mode='bilinear', align_corners=True) for p in self.ppm]
-        h = self.fuse(torch.cat([h] + pooled, dim=1))
-        h = self.blocks3(self.condy(self.blocks2(self.condx(h))))
-        illumination = torch.relu(self.cond_add1(h))
-        return torch.clamp(x / (illumination + 1e-9), 0, 1)
-
-
-def make_network():
-    try:
-        from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
-        return BacklitUNet(outer_padding='zeros'), 'BacklitUNet'
-    except ImportError:
-        return StandInUNet(), 'StandInUNet (BacklitUNet not merged yet)'
-
-
 def run_one(method, option, size, batch, steps):
     import rave_basicsr  # noqa: F401
     from rave_basicsr.guidance.encoders import build_image_encoder
@@ -80,7 +33,9 @@ def run_one(method, option, size, batch, steps):
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(0)
-    net, net_name = make_network()
+    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+
+    net, net_name = BacklitUNet(outer_padding='zeros'), 'BacklitUNet'
     net = net.to(device)
     guidance = build_image_encoder({'model': 'ViT-B-32', 'pretrained': None}).to(device)
     identity = build_image_encoder({'model': 'RN101', 'pretrained': None,
