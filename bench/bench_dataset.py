@@ -10,7 +10,6 @@ Writes bench/results/dataset.json and dataset.md.
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 

@@ -28,15 +28,14 @@ CONFIGS = [
 
 def run_one(method, option, size, batch, steps):
     import rave_basicsr  # noqa: F401
+    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
     from rave_basicsr.guidance.encoders import build_image_encoder
     from rave_basicsr.losses.clip_guidance_loss import CLIPIdentityLoss, PromptGuidanceLoss, ResidualVectorLoss
 
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     torch.manual_seed(0)
-    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
+    net, net_name = BacklitUNet(outer_padding='zeros').to(device), 'BacklitUNet'
 
-    net, net_name = BacklitUNet(outer_padding='zeros'), 'BacklitUNet'
-    net = net.to(device)
     guidance = build_image_encoder({'model': 'ViT-B-32', 'pretrained': None}).to(device)
     identity = build_image_encoder({'model': 'RN101', 'pretrained': None,
                                     'precision': 'fp16' if device.type == 'cuda' else 'fp32'},

@@ -11,7 +11,6 @@ per-pixel time linearly with the pixel count (the network and the identity featu
 """
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
