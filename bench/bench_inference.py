@@ -213,7 +213,7 @@ def main() -> None:
         worker(args)
         return
     if 'RAVE_SHARED_DATA' not in os.environ:  # the workers read the photo and the weights the tests use
-        from tests.conftest import shared_data_dir
+        from tests.shared_data import shared_data_dir
         os.environ['RAVE_SHARED_DATA'] = str(shared_data_dir())
 
     megapixels = args.height * args.width / 1e6

@@ -26,7 +26,7 @@ PY="$VENV/bin/python"
 die() { echo "gpu_prepare: error: $*" >&2; exit 2; }
 [ -x "$PY" ] || die "no virtualenv with torch and basicsr's build requirements at $VENV (run scripts/setup.sh, or set \
 VENV=/path/to/venv)"
-SHARED=${RAVE_SHARED_DATA:-$("$PY" -c "from tests.conftest import shared_data_dir; print(shared_data_dir())")}
+SHARED=${RAVE_SHARED_DATA:-$("$PY" -c "from tests.shared_data import shared_data_dir; print(shared_data_dir())")}
 for folder in official_checkpoints backlit_samples reference_outputs; do
     [ -d "$SHARED/$folder" ] || die "$SHARED/$folder is missing (set RAVE_SHARED_DATA to the shared data folder)"
 done

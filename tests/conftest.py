@@ -1,32 +1,67 @@
 """Test configuration: offline Hugging Face hub, the plugin imported first, shared data located."""
 import os
 import sys
+import types
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 os.environ.setdefault('HF_HUB_OFFLINE', '1')  # pretrained CLIP weights can never be downloaded in tests
 
 import rave_basicsr  # noqa: E402,F401  (the torchvision shim and registration must precede any basicsr import)
+from tests.shared_data import ReleasedWeights, require_shared_data  # noqa: E402
+
+pytest_plugins = ['pytester']  # tests/test_shared_data.py runs pytest on small test files
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def shared_data_dir() -> Path:
-    """The shared test data folder: $RAVE_SHARED_DATA, else ../shared/data beside the repository."""
-    # The project's rule for test data (official checkpoints, photos, reference outputs that are not ours to
-    # commit): tests read it through RAVE_SHARED_DATA, default ../shared/data. This is the one place that names a
-    # path outside the repository; bench/bench_inference.py reuses this function.
-    return Path(os.environ.get('RAVE_SHARED_DATA', REPO_ROOT.parent / 'shared' / 'data'))
+@pytest.fixture(scope='session')
+def shared_data() -> Path:
+    """The shared data folder (released weights, backlit photos, reference outputs); when it is absent the test is
+    skipped, or fails under CI (tests/shared_data.py)."""
+    return require_shared_data()
 
 
 @pytest.fixture(scope='session')
-def shared_data() -> Path:
-    """The shared data folder (official checkpoints, backlit photos, reference outputs); skips when absent."""
-    path = shared_data_dir()
-    if not (path / 'official_checkpoints').is_dir():
-        pytest.skip(f'shared test data not found at {path} (set RAVE_SHARED_DATA)')
-    return path
+def released_weights() -> Callable[[str], Path]:
+    """``name -> Path`` of released weights: from the shared data, else downloaded by name; skipped (failed under
+    CI) when neither works. For tests that need no photos."""
+    return ReleasedWeights()
+
+
+class FakeLPIPS:
+    """Stands in for ``lpips.LPIPS``: the mean absolute difference of its two inputs, each value recorded."""
+    values = []
+
+    def __init__(self, net='alex', verbose=True):
+        self.net = net
+
+    def eval(self):
+        return self
+
+    def __call__(self, first, second):
+        import torch
+
+        value = (first - second).abs().mean(dim=(1, 2, 3), keepdim=True)
+        FakeLPIPS.values.append(float(value))
+        return torch.as_tensor(value)
+
+
+@pytest.fixture
+def lpips_package(monkeypatch) -> Callable[[bool], None]:
+    """``lpips_package(installed)``: what ``import lpips`` finds for the rest of the test, whatever is installed:
+    nothing (``False``), or a stand-in whose values are recorded in ``FakeLPIPS.values`` (``True``)."""
+    from rave_basicsr.metrics import rave_protocol_metric
+
+    def install(installed: bool) -> None:
+        FakeLPIPS.values = []
+        monkeypatch.setitem(sys.modules, 'lpips', types.SimpleNamespace(LPIPS=FakeLPIPS) if installed else None)
+        rave_protocol_metric._lpips_model.cache_clear()
+
+    yield install
+    rave_protocol_metric._lpips_model.cache_clear()
 
 
 @pytest.fixture

@@ -24,10 +24,13 @@ import torch
 from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
 from rave_basicsr.cli.rave_cli import main as rave_main
 from rave_basicsr.inference import compare
+from rave_basicsr.inference.compare import usable_metrics
 from rave_basicsr.inference.compare_plan import assign_labels, resolve_model_spec, split_label
+from rave_basicsr.metrics.rave_protocol_metric import lpips_unavailable_reason
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from tests.pipeline_helpers import single_thread_env, write_options
+from tests.weights_helpers import save_live_network
 
 PHOTOS = ('backlit_1', 'backlit_3', 'backlit_5', 'backlit_6')  # two landscape, two portrait
 MODELS = ('rave_unpaired', 'clip_lit_latent_unpaired')
@@ -218,11 +221,14 @@ def test_report_files(fidelity):
     markdown = (out / 'results.md').read_text()
     for model in MODELS:
         assert f'| {model} |' in markdown
-    assert markdown.count('| backlit_5 |') == 4  # one per-image table per metric
-    try:
-        import lpips  # noqa: F401
-    except ImportError:
-        assert 'lpips skipped' in markdown and 'lpips skipped' in fidelity['stdout']
+    reason = lpips_unavailable_reason()  # LPIPS runs where the optional package (and its weights) can
+    if reason is None:
+        assert all(row['lpips'] != '' for row in rows) and 'lpips skipped' not in fidelity['stdout']
+        assert markdown.count('| backlit_5 |') == 5  # one per-image table per metric
+    else:
+        assert 'lpips' not in rows[0] and f'lpips skipped: {reason}' in fidelity['stdout']
+        assert f'lpips skipped: {reason}' in markdown
+        assert markdown.count('| backlit_5 |') == 4
     # grid: a title row and one row per photo, columns input, the two models, ground truth
     grid = cv2.imread(str(out / 'grid.png'))
     assert grid.shape[1] == 6 + 4 * (160 + 6) and grid.shape[0] > len(PHOTOS) * 100
@@ -265,12 +271,8 @@ def test_existing_outputs_are_reused_and_never_mixed(fidelity, monkeypatch, caps
 @pytest.fixture(scope='module')
 def experiment(tmp_path_factory):
     """A BasicSR experiment folder holding a small random network (its checkpoint as `basicsr train` writes it)."""
-    torch.manual_seed(0)
-    network = BacklitUNet()
-    with torch.no_grad():
-        network.cond_add1.bias.fill_(0.5)
     folder = tmp_path_factory.mktemp('experiments') / 'my_run'
-    torch_save_atomic({'params': network.state_dict()}, folder / 'models' / 'net_g_latest.pth')
+    save_live_network(folder / 'models' / 'net_g_latest.pth')
     return folder
 
 
@@ -389,3 +391,17 @@ def test_labels_from_names_paths_and_experiments(experiment, tmp_path):
     assert models[1].path == checkpoint
     with pytest.raises(RaveError, match='given twice'):
         assign_labels([resolve_model_spec('rave_paired'), resolve_model_spec('rave_unpaired')], ['x', 'x'])
+
+
+@pytest.mark.parametrize('installed', [False, True])
+def test_lpips_runs_exactly_when_the_package_is_there(lpips_package, installed):
+    lpips_package(installed)
+    usable, notes = usable_metrics(['psnr', 'lpips', 'niqe'], have_ground_truth=True, have_guidance=False)
+    if installed:
+        assert (usable, notes) == (['psnr', 'lpips', 'niqe'], [])
+    else:
+        assert usable == ['psnr', 'niqe'] and len(notes) == 1
+        assert notes[0].startswith('lpips skipped: LPIPS is unavailable (ModuleNotFoundError: ')
+    # without ground truth LPIPS (a full-reference metric) is skipped whatever is installed
+    usable, notes = usable_metrics(['lpips', 'niqe'], have_ground_truth=False, have_guidance=False)
+    assert usable == ['niqe'] and notes == ['lpips skipped: it needs ground truth (--gt GT_DIR).']

@@ -1,4 +1,5 @@
 """Frozen guidance encoders, differentiable preprocessing and the image-statistics encoder."""
+import hashlib
 import os
 import subprocess
 import sys
@@ -8,11 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from rave_basicsr.archs.image_stats_encoder_arch import ImageStatsEncoder
-from rave_basicsr.guidance import encoders as enc_mod
 from rave_basicsr.guidance import open_clip_encoder
 from rave_basicsr.guidance.encoders import build_image_encoder
 from rave_basicsr.guidance.frozen_encoder import check_embedding_size, require_text_tower
-from rave_basicsr.utils.file_io import file_sha256
 from rave_basicsr.guidance.preprocess import CLIP_MEAN, CLIP_STD, parse_preprocess, preprocess_images
 from rave_basicsr.utils.errors import RaveError
 
@@ -67,11 +66,17 @@ def test_preprocess_is_differentiable():
     assert images.grad is not None and images.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize('block, key', [({'resize': 'crop'}, 'resize'), ({'interpolation': 'nearest'}, 'interpolation'),
-                                        ({'size': 0}, 'size'), ({'antialias': 'yes'}, 'antialias'),
-                                        ({'mean': [0.5]}, 'mean'), ({'colour': 1}, 'colour')])
-def test_bad_preprocess_options(block, key):
-    with pytest.raises(RaveError, match=key):
+@pytest.mark.parametrize('block, message', [
+    ({'resize': 'crop'}, r"""option "resize" must be one of \['squash', 'shorter_side_center_crop'\], got 'crop'"""),
+    ({'interpolation': 'nearest'},
+     r"""option "interpolation" must be one of \['bilinear', 'bicubic'\], got 'nearest'"""),
+    ({'size': 0}, r'option "size" must be a positive integer \(pixels\), got 0'),
+    ({'antialias': 'yes'}, r"""option "antialias" must be true or false, got 'yes'"""),
+    ({'mean': [0.5]}, r"option 'mean' must be a list of three numbers \(R, G, B\), got \[0.5\]"),
+    ({'colour': 1}, r"unknown option\(s\) \['colour'\]; known options are \['antialias', "),
+])
+def test_bad_preprocess_options(block, message):
+    with pytest.raises(RaveError, match='^preprocess: ' + message):
         parse_preprocess(block)
 
 
@@ -135,7 +140,8 @@ def test_resnet_intermediate_features(tiny_rn):
 
 
 def test_vit_has_no_intermediate_features(tiny_vit):
-    with pytest.raises(RaveError, match='intermediate'):
+    with pytest.raises(RaveError, match=r'encoder \{.*"model": "rave-test-tiny-vit".*\} has no intermediate ResNet '
+                                        r'features \(stem, layer1..layer4\), which the identity loss needs'):
         tiny_vit.encode_image_features(torch.rand(1, 3, 32, 32))
 
 
@@ -153,9 +159,10 @@ def test_reduced_precision_identity_encoder(precision, dtype):
 
 
 def test_identity_role_defaults_to_fp16():
-    assert enc_mod.ROLE_DEFAULTS['identity']['precision'] == 'fp16'
     encoder = build_image_encoder({'model': 'rave-test-tiny-rn', 'pretrained': None}, role='identity')
-    assert encoder.precision == 'fp16'
+    assert encoder.precision == 'fp16' and encoder.network.visual.conv1.weight.dtype == torch.float16
+    guidance = build_image_encoder({'model': 'rave-test-tiny-rn', 'pretrained': None}, role='guidance')
+    assert guidance.precision == 'fp32' and guidance.network.visual.conv1.weight.dtype == torch.float32
 
 
 def test_openai_tag_gets_quick_gelu(monkeypatch):
@@ -200,7 +207,8 @@ def test_unknown_tag_lists_close_matches():
 
 
 def test_missing_weights_file():
-    with pytest.raises(RaveError, match='does not exist'):
+    with pytest.raises(RaveError, match=r"""weights file '/nonexistent/weights.bin' \(option "pretrained"\) does """
+                                        'not exist'):
         build_image_encoder({**TINY_VIT, 'pretrained': '/nonexistent/weights.bin'})
 
 
@@ -211,7 +219,7 @@ def test_local_weights_file_roundtrip_and_identity(tmp_path):
     loaded = build_image_encoder({**TINY_VIT, 'pretrained': str(path)})
     x = torch.rand(1, 3, 32, 32)
     assert torch.equal(loaded.encode_image(x), source.encode_image(x))
-    assert loaded.identity['weights_sha256'] == file_sha256(path)
+    assert loaded.identity['weights_sha256'] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert 'init_seed' not in loaded.identity
 
 
@@ -239,11 +247,16 @@ def test_local_dir(tmp_path):
         build_image_encoder({'model': f'local-dir:{tmp_path / "missing"}'})
 
 
-@pytest.mark.parametrize('block, key', [({'type': 'clip'}, 'type'), ({**TINY_VIT, 'precision': 'fp8'}, 'precision'),
-                                        ({**TINY_VIT, 'seed': 'x'}, 'seed'), ({**TINY_VIT, 'quick_gelu': 1}, 'quick_gelu'),
-                                        ({'model': 'hf-hub:org/x'}, 'local-dir')])
-def test_bad_encoder_options(block, key):
-    with pytest.raises(RaveError, match=key):
+@pytest.mark.parametrize('block, message', [
+    ({'type': 'clip'}, r"""option "type" must be one of \['open_clip', 'timm', 'arch'\], got 'clip'"""),
+    ({**TINY_VIT, 'precision': 'fp8'}, r"""option "precision" must be one of \['fp32', 'fp16', 'bf16'\], got 'fp8'"""),
+    ({**TINY_VIT, 'seed': 'x'}, r"""option "seed" \(random-init seed\) must be an integer, got 'x'"""),
+    ({**TINY_VIT, 'quick_gelu': 1}, r'option "quick_gelu" must be auto, true or false, got 1'),
+    ({'model': 'hf-hub:org/x'}, r'"model: hf-hub:org/x" is not supported; download the repository .* and use '
+                                r'"model: local-dir:FOLDER"'),
+])
+def test_bad_encoder_options(block, message):
+    with pytest.raises(RaveError, match='^guidance encoder: ' + message):
         build_image_encoder(block)
 
 
@@ -259,14 +272,15 @@ def test_timm_encoder_image_only():
     assert len(encoder.encode_image_features(torch.rand(1, 3, 64, 64))) == 5
     with pytest.raises(RaveError, match='CLIP-LIT text prompts needs an encoder with a text tower'):
         require_text_tower(encoder, 'CLIP-LIT text prompts')
-    with pytest.raises(RaveError, match='text tower'):
+    with pytest.raises(RaveError, match='^encode_soft_prompts needs an encoder with a text tower'):
         encoder.encode_soft_prompts(torch.zeros(2, 77, 8))
 
 
 def test_timm_bad_inputs(tmp_path):
     with pytest.raises(RaveError, match=r"unknown timm model 'resnet181'.*resnet18"):
         build_image_encoder({'type': 'timm', 'model': 'resnet181'})
-    with pytest.raises(RaveError, match='random init'):
+    with pytest.raises(RaveError, match=r'option "pretrained" of a timm encoder must be ~ \(random init\) or an '
+                                        'existing weights file, got True'):
         build_image_encoder({'type': 'timm', 'model': 'resnet18', 'pretrained': True})
     path = tmp_path / 'r34.pth'
     import timm
@@ -303,7 +317,7 @@ def test_image_stats_encoder_layout_and_gradient():
     assert torch.allclose(emb[0, 7:11], -torch.ones(4), atol=1e-5)        # no spread
     # levels 0.125, 0.375, 0.625, 0.875: the grey is brighter than the first two, darker than the last two
     assert torch.allclose(emb[0, 11:], torch.tensor([-1.0, -1.0, 1.0, 1.0]), atol=2e-3)
-    with pytest.raises(RaveError, match='histogram_levels'):
+    with pytest.raises(RaveError, match='option "histogram_levels" must be a positive integer, got 0'):
         ImageStatsEncoder(histogram_levels=0)
     images = torch.rand(2, 3, 16, 16, requires_grad=True)
     net(images).sum().backward()

@@ -15,18 +15,13 @@ from rave_basicsr.inference.precision import MIXED_BF16_LAYERS, mixed_precision_
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
+from tests.weights_helpers import save_live_network
 
 
 @pytest.fixture(scope='module')
 def weights_file(tmp_path_factory):
     """A small random network saved as a BasicSR checkpoint (no shared data needed)."""
-    torch.manual_seed(0)
-    network = BacklitUNet()
-    with torch.no_grad():
-        network.cond_add1.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp('weights') / 'net_g_latest.pth'
-    torch_save_atomic({'params': network.state_dict()}, path)
-    return path
+    return save_live_network(tmp_path_factory.mktemp('weights') / 'net_g_latest.pth')
 
 
 def _rgb(h=24, w=32, seed=0):
@@ -79,10 +74,11 @@ def test_formats_bit_depths_and_modes(weights_file, tmp_path):
     assert alpha_out.shape == (24, 32, 4) and np.array_equal(alpha_out[:, :, 3], rgba[:, :, 3])
     palette_out = read_image(str(out / 'palette.png'))
     assert palette_out.rgb.shape == (24, 32, 3)
-    # the palette image is enhanced from its colours, as the RGB conversion gives them
+    # the palette image is enhanced from its colours, as the RGB conversion gives them (the network run by hand)
     from rave_basicsr.inference.weights import load_enhancement_network
-    expected = enhance_image(load_enhancement_network(weights_file),
-                             np.asarray(palette.convert('RGB'), dtype=np.float32) / 255)
+    colours = torch.from_numpy(np.asarray(palette.convert('RGB'), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = load_enhancement_network(weights_file)(colours)[0].permute(1, 2, 0).numpy()
     assert np.abs(palette_out.rgb - expected).max() <= 1 / 255 + 1e-6
 
 
@@ -189,7 +185,29 @@ def test_existing_outputs_skipped_unless_overwrite(weights_file, tmp_path, capsy
     assert 'exists (pass --overwrite' in capsys.readouterr().out
     assert rave_main(args + ['--overwrite']) == 0
     assert read_image(str(out / 'photo.png')).rgb.shape == (24, 32, 3)
-    assert not [p for p in out.iterdir() if p.name.startswith('.')]  # no temporary file left
+
+
+def test_an_output_that_cannot_be_written_leaves_the_old_file_and_no_temporary(weights_file, tmp_path, capsys,
+                                                                                monkeypatch):
+    import os
+
+    cv2.imwrite(str(tmp_path / 'photo.png'), _rgb())
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'photo.png').write_bytes(b'user file')
+    real_replace = os.replace
+
+    def failing_replace(source, target):
+        if os.path.dirname(os.path.abspath(target)) == str(out):
+            raise OSError(28, 'No space left on device')
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    assert rave_main(['enhance', str(tmp_path / 'photo.png'), '-o', str(out), '--weights', str(weights_file),
+                      '--device', 'cpu', '--quiet', '--overwrite']) == 1
+    assert f'FAILED  {tmp_path / "photo.png"}: ' in capsys.readouterr().out
+    assert [p.name for p in out.iterdir()] == ['photo.png']  # the temporary file was removed
+    assert (out / 'photo.png').read_bytes() == b'user file'
 
 
 def test_progress_bar_and_per_image_timing(weights_file, tmp_path, capsys):
@@ -228,14 +246,15 @@ def test_precision_and_device_choices(weights_file, monkeypatch):
     with pytest.warns(UserWarning, match='fp16 is not supported on the CPU'):
         assert resolve_precision('fp16', cpu) == 'fp32'
     assert resolve_precision('fp16', torch.device('cuda')) == 'fp16'
-    with pytest.raises(RaveError, match='precision'):
+    with pytest.raises(RaveError, match="--precision 'int8': use one of auto, fp32, tf32, mixed, bf16, fp16"):
         resolve_precision('int8', cpu)
     assert select_device('cpu') == cpu
-    with pytest.raises(RaveError, match='--device'):
+    with pytest.raises(RaveError, match=r"--device 'tpu': use auto, cpu, cuda or cuda:N"):
         select_device('tpu')
-    if not torch.cuda.is_available():
-        with pytest.raises(RaveError, match='CUDA is not available'):
-            select_device('cuda')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # asserted on GPU machines too
+    with pytest.raises(RaveError, match='--device cuda: CUDA is not available on this machine'):
+        select_device('cuda')
+    assert select_device('auto') == cpu
     from rave_basicsr.inference.weights import load_enhancement_network
     network = load_enhancement_network(weights_file)
     rgb = _rgb().astype(np.float32) / 255
@@ -267,7 +286,7 @@ def test_resolve_tile():
     assert resolve_tile(None, 100, 100) == 0
     assert resolve_tile(None, 3000, 4000) > 0
     assert resolve_tile(64, 50, 60) == 0 and resolve_tile(64, 50, 70) == 64
-    with pytest.raises(RaveError, match='--tile'):
+    with pytest.raises(RaveError, match=r'--tile -1: must be 0 \(no tiling\) or a positive number of pixels'):
         resolve_tile(-1, 10, 10)
 
 

@@ -17,6 +17,7 @@ import torch
 
 from tests.pipeline_helpers import free_port, single_thread_env, write_options
 from tests.rave_helpers import demo_data, rave_options
+from tests.weights_helpers import save_live_network
 
 pytestmark = pytest.mark.slow
 
@@ -169,12 +170,17 @@ def kill_when(command: list, ready, limit: float = 120) -> None:
     process.communicate(timeout=60)
 
 
-def test_interrupted_prepare_lmdb_then_rerun(tmp_path):
-    source = tmp_path / 'images'
-    source.mkdir()
+def write_noise_images(folder: Path, stems: list, size: tuple) -> Path:
+    """Write a uniform-noise PNG of `size` (height, width) per stem into a new `folder` and return it."""
+    folder.mkdir()
     rng = np.random.default_rng(0)
-    for index in range(60):
-        cv2.imwrite(str(source / f'{index:03d}.png'), rng.integers(0, 256, (160, 160, 3), dtype=np.uint8))
+    for stem in stems:
+        cv2.imwrite(str(folder / f'{stem}.png'), rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+    return folder
+
+
+def test_interrupted_prepare_lmdb_then_rerun(tmp_path):
+    source = write_noise_images(tmp_path / 'images', [f'{index:03d}' for index in range(60)], (160, 160))
     target = tmp_path / 'set.lmdb'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'prepare-lmdb', str(source), str(target)]
     kill_when(command, lambda: (tmp_path / 'set.lmdb.partial' / 'data.mdb').exists())
@@ -188,20 +194,10 @@ def test_interrupted_prepare_lmdb_then_rerun(tmp_path):
 
 
 def test_interrupted_enhance_then_rerun(tmp_path):
-    from rave_basicsr.archs.backlit_unet_arch import BacklitUNet
-    from rave_basicsr.utils.checkpoint import torch_save_atomic
     from rave_basicsr.utils.image_io import read_image
 
-    torch.manual_seed(0)
-    network = BacklitUNet()
-    with torch.no_grad():
-        network.cond_add1.bias.fill_(0.5)
-    torch_save_atomic({'params': network.state_dict()}, tmp_path / 'net.pth')
-    photos = tmp_path / 'photos'
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for index in range(8):
-        cv2.imwrite(str(photos / f'{index}.png'), rng.integers(0, 256, (600, 800, 3), dtype=np.uint8))
+    save_live_network(tmp_path / 'net.pth')
+    photos = write_noise_images(tmp_path / 'photos', [str(index) for index in range(8)], (600, 800))
     out = tmp_path / 'out'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(photos), '-o', str(out),
                '--weights', str(tmp_path / 'net.pth'), '--device', 'cpu', '--precision', 'fp32', '--quiet']

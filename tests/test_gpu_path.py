@@ -35,6 +35,7 @@ from rave_basicsr.utils.options import OptionError
 from rave_basicsr.compat.basicsr_pipelines import load_resume_state
 from tests.pipeline_helpers import free_port, subprocess_env, train_interrupted_and_reference, write_options
 from tests.rave_helpers import demo_data, model_options, rave_options
+from tests.weights_helpers import save_live_network
 
 
 @pytest.fixture(scope='module')
@@ -166,19 +167,10 @@ def test_validation_tiles_exactly_and_automatically_above_a_pixel_count(data, tm
 
 
 # ------------------------------------------------------------------------- 5. out of memory: retry with smaller tiles
-def _weights(tmp_path):
-    torch.manual_seed(0)
-    network = BacklitUNet()
-    with torch.no_grad():
-        network.cond_add1.bias.fill_(0.5)
-    torch_save_atomic({'params': network.state_dict()}, tmp_path / 'net.pth')
-    return tmp_path / 'net.pth'
-
-
 def test_enhance_retries_an_image_that_runs_out_of_memory_with_smaller_tiles(tmp_path, monkeypatch):
     import cv2
 
-    weights = _weights(tmp_path)
+    weights = save_live_network(tmp_path / 'net.pth')
     (tmp_path / 'in').mkdir()
     rng = np.random.default_rng(0)
     for name in ('a', 'b', 'c'):
@@ -210,7 +202,7 @@ def test_enhance_retries_an_image_that_runs_out_of_memory_with_smaller_tiles(tmp
 def test_enhance_reports_an_image_that_never_fits_and_goes_on(tmp_path, monkeypatch):
     import cv2
 
-    weights = _weights(tmp_path)
+    weights = save_live_network(tmp_path / 'net.pth')
     (tmp_path / 'in').mkdir()
     cv2.imwrite(str(tmp_path / 'in' / 'big.png'), np.zeros((300, 300, 3), np.uint8))
     cv2.imwrite(str(tmp_path / 'in' / 'small.png'), np.zeros((20, 20, 3), np.uint8))
@@ -348,7 +340,7 @@ def test_rave_enhance_defaults_to_auto_precision(tmp_path, monkeypatch):
     monkeypatch.setattr(Enhancer, '__init__', recording_init)
     cv2.imwrite(str(tmp_path / 'p.png'), np.zeros((8, 8, 3), np.uint8))
     assert rave_main(['enhance', str(tmp_path / 'p.png'), '-o', str(tmp_path / 'o'), '--weights',
-                      str(_weights(tmp_path)), '--device', 'cpu', '--quiet']) == 0
+                      str(save_live_network(tmp_path / 'net.pth')), '--device', 'cpu', '--quiet']) == 0
     assert chosen == [('auto', 'fp32')]
 
 

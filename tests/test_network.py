@@ -1,5 +1,7 @@
 """The enhancement network: structure, official parity, finite division, every way of loading weights."""
+import hashlib
 import os
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +13,6 @@ from rave_basicsr.archs.backlit_unet_arch import BacklitUNet, PaddedConv2d, divi
 from rave_basicsr.inference import weights as weights_module
 from rave_basicsr.inference.weights import OFFICIAL_WEIGHTS, load_enhancement_network, load_enhancement_state_dict
 from rave_basicsr.utils.errors import RaveError
-from rave_basicsr.utils.file_io import file_sha256
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
 
@@ -33,7 +34,7 @@ def test_padding_modes_follow_the_spec():
         assert getattr(BacklitUNet(), name).padding_mode == 'zeros'
     assert network.ResidualBlock1.conv1.padding_mode == 'reflect'
     assert network.PPM1.fuse[0].padding_mode == 'zeros'
-    with pytest.raises(ValueError, match='outer_padding'):
+    with pytest.raises(ValueError, match="outer_padding must be 'zeros' or 'reflect', got 'circular'"):
         BacklitUNet(outer_padding='circular')
 
 
@@ -139,23 +140,23 @@ def test_parity_with_official_reference_outputs(shared_data):
         assert np.abs(ours.astype(np.int16) - reference).max() <= 1
 
 
-def test_all_official_checkpoints_load_and_match_their_digests(shared_data):
-    folder = shared_data / 'official_checkpoints'
+def test_all_official_checkpoints_load_and_match_their_digests(released_weights):
     for name, weights in OFFICIAL_WEIGHTS.items():
-        path = folder / weights.filename
-        assert file_sha256(path) == weights.sha256, name
+        path = released_weights(name)
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == weights.sha256, name
         network = load_enhancement_network(path)
         assert sum(p.numel() for p in network.parameters()) == 278790
         with torch.no_grad():
             assert torch.isfinite(network(torch.rand(1, 3, 16, 16))).all()
 
 
-def test_weights_by_name_from_the_cache(shared_data, tmp_path, monkeypatch):
+def test_weights_by_name_from_the_cache(released_weights, tmp_path, monkeypatch):
     """Verified files in the cache are used by name without any download (all 8); a damaged one is
     re-downloaded (here: fails, offline)."""
+    sources = {name: released_weights(name) for name in OFFICIAL_WEIGHTS}
     monkeypatch.setenv('RAVE_CACHE_DIR', str(tmp_path))
     for name, weights in OFFICIAL_WEIGHTS.items():
-        source = shared_data / 'official_checkpoints' / weights.filename
+        source = sources[name]
         (tmp_path / weights.filename).write_bytes(source.read_bytes())
         state = load_enhancement_state_dict(name)
         assert len(state) == 30 and not any(k.startswith('module.') for k in state)
@@ -177,7 +178,33 @@ def test_offline_download_fails_fast_with_a_hint(tmp_path, monkeypatch):
     with pytest.raises(RaveError, match='offline.*--weights /path/to/rave_paired.pth'):
         load_enhancement_state_dict('rave_paired')
     assert time.perf_counter() - started < 15
-    assert not list(tmp_path.iterdir())  # no partial file left
+
+
+class _BrokenDownload:
+    """A response that delivers one chunk, then loses the connection."""
+
+    def __init__(self, *args, **kwargs):
+        self.chunks = [b'the first megabyte']
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, size):
+        if self.chunks:
+            return self.chunks.pop()
+        raise ConnectionResetError(104, 'Connection reset by peer')
+
+
+def test_a_download_broken_off_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setenv('RAVE_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setattr(weights_module.urllib.request, 'urlopen', _BrokenDownload)
+    with pytest.raises(RaveError, match=r"cannot download the 'rave_paired' weights \(.*Connection reset by peer\); "
+                                        r'this machine may be offline'):
+        load_enhancement_state_dict('rave_paired')
+    assert list((tmp_path / 'cache').iterdir()) == []  # the partial download was removed
 
 
 def test_digest_mismatch_is_refused(tmp_path, monkeypatch):
@@ -186,14 +213,20 @@ def test_digest_mismatch_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv('RAVE_CACHE_DIR', str(tmp_path / 'cache'))
     monkeypatch.setitem(weights_module.OFFICIAL_WEIGHTS, 'rave_paired', weights_module.OfficialWeights(
         'rave_paired', served.as_uri(), OFFICIAL_WEIGHTS['rave_paired'].sha256, ''))
-    with pytest.raises(RaveError, match='SHA-256'):
+    digest = hashlib.sha256(b'not the released file').hexdigest()
+    with pytest.raises(RaveError, match=f"the download of 'rave_paired' from .*served.pth has SHA-256 {digest}, "
+                                        f"expected {OFFICIAL_WEIGHTS['rave_paired'].sha256}; it was discarded"):
         load_enhancement_state_dict('rave_paired')
-    assert not (tmp_path / 'cache' / 'rave_paired.pth').exists()
+    assert list((tmp_path / 'cache').iterdir()) == []  # neither the file nor its partial download is kept
 
 
-def test_unknown_name_and_missing_file():
-    with pytest.raises(RaveError, match='not a known name'):
+def test_unknown_name_and_missing_file(tmp_path):
+    with pytest.raises(RaveError, match=r"weights 'rave_unpaired_v2': no such file, and not a known name "
+                                        r"\(rave_unpaired, "):
         load_enhancement_state_dict('rave_unpaired_v2')
+    missing = tmp_path / 'net_g_latest.pth'
+    with pytest.raises(RaveError, match=f"weights '{re.escape(str(missing))}': no such file"):
+        load_enhancement_state_dict(missing)
 
 
 def test_basicsr_checkpoints_prefer_params_ema(tmp_path):
@@ -230,7 +263,7 @@ def test_pickle_checkpoint_is_refused_clearly(tmp_path):
         load_enhancement_state_dict(tmp_path / 'pickled.pth')
 
 
-def test_loading_through_basicsr_srmodel(shared_data, tmp_path):
+def test_loading_through_basicsr_srmodel(released_weights, tmp_path):
     """BasicSR's own load_network with param_key_g: ~ loads each official file; with params a BasicSR one."""
     from basicsr.models import build_model
 
@@ -242,10 +275,14 @@ def test_loading_through_basicsr_srmodel(shared_data, tmp_path):
                'val': {'save_img': False}}
         return build_model(opt)
 
-    for name, weights in OFFICIAL_WEIGHTS.items():
-        official = shared_data / 'official_checkpoints' / weights.filename
+    for name in OFFICIAL_WEIGHTS:
+        official = released_weights(name)
         model = build(official, None)
-        expected = load_enhancement_state_dict(official)
+        # the file's tensors, saved from DataParallel: every key carries the "module." prefix
+        saved = torch.load(official, map_location='cpu', weights_only=True)
+        expected = {key.removeprefix('module.'): value for key, value in saved.items()}
+        assert len(expected) == len(saved) == 30 and all(key.startswith('module.') for key in saved), name
+        assert model.net_g.state_dict().keys() == expected.keys(), name
         assert all(torch.equal(model.net_g.state_dict()[k], v) for k, v in expected.items()), name
     torch_save_atomic({'params': expected}, tmp_path / 'net_g_1.pth')
     model = build(tmp_path / 'net_g_1.pth', 'params')
@@ -285,7 +322,6 @@ def test_basicsr_test_pipeline_official_options(shared_data, tmp_path, monkeypat
 def test_basicsr_test_pipeline_paired_metrics(shared_data, tmp_path, python_executable):
     """The paired option file computes PSNR/SSIM (a fresh process, so BasicSR's logger writes its log file).
     With the official outputs as ground truth, PSNR is far above what any other image would reach."""
-    import re
     import subprocess
     from tests.conftest import REPO_ROOT
 

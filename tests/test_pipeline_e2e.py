@@ -36,7 +36,9 @@ def test_train_end_to_end_with_validation_in_current_directory(workdir):
     assert (experiment / 'training_states' / '4.state').is_file()
     assert list((experiment / 'visualization').rglob('*.png'))
     assert re.search(r'psnr: \d+\.\d+', read_log(experiment))
-    assert not list(experiment.parent.glob('*.tmp')) and not list((experiment / 'models').glob('.*tmp'))
+    # checkpoints and training states are written through temporary files (.NAME.XXXX.tmp beside them): none is left
+    assert (experiment / 'training_states' / '2.state').is_file() and (experiment / 'models' / 'net_g_2.pth').is_file()
+    assert list(root.rglob('*.tmp')) == []
 
 
 def test_auto_resume_continues_from_saved_iteration_on_cpu(workdir):

@@ -1,5 +1,6 @@
 """The plugin's foundation: import shim, registration, option safety and the `basicsr` / `rave` commands."""
 import importlib
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -32,18 +33,36 @@ def test_reimport_and_submodule_first_do_not_raise():
     assert result.stdout.strip() == 'ok'
 
 
-def test_every_plugin_module_is_registered_once_and_names_do_not_collide_with_basicsr():
+#: every name the plugin registers, per BasicSR registry (the names option files use)
+PLUGIN_NAMES = {
+    'arch': {'BacklitUNet', 'ImageStatsEncoder'},
+    'model': {'RAVEModel', 'CLIPLITModel'},
+    'loss': {'CLIPIdentityLoss', 'PromptGuidanceLoss', 'PromptInitLoss', 'PromptRankingLoss', 'ResidualVectorLoss'},
+    'dataset': {'UnpairedBacklitDataset', 'LabelledBacklitDataset', 'PairedBacklitDataset'},
+    'metric': {'calculate_rave_psnr', 'calculate_rave_ssim', 'calculate_rave_lpips', 'calculate_guidance_score'},
+}
+
+
+def plugin_registrations():
+    """[(registry, registered name, object)] of every object the plugin's modules put into BasicSR's registries."""
     from basicsr.utils.registry import ARCH_REGISTRY, DATASET_REGISTRY, LOSS_REGISTRY, METRIC_REGISTRY, MODEL_REGISTRY
 
-    seen = set()
-    for registry in (ARCH_REGISTRY, MODEL_REGISTRY, LOSS_REGISTRY, DATASET_REGISTRY, METRIC_REGISTRY):
-        for name, obj in registry:
-            if obj.__module__.startswith('rave_basicsr.'):
-                assert obj.__module__ in plugin_module_names()
-                assert not name.endswith('_basicsr')
-                seen.add(name)
-    importlib.reload(importlib.import_module('rave_basicsr'))  # a second registration pass must not raise
-    assert len(seen) == len(set(seen))
+    return [(registry._name, name, obj)
+            for registry in (ARCH_REGISTRY, MODEL_REGISTRY, LOSS_REGISTRY, DATASET_REGISTRY, METRIC_REGISTRY)
+            for name, obj in registry if obj.__module__.startswith('rave_basicsr.')]
+
+
+def test_every_plugin_component_is_registered_once_under_its_own_name():
+    registrations = plugin_registrations()
+    assert {kind: {name for registry, name, _ in registrations if registry == kind} for kind in PLUGIN_NAMES} \
+        == PLUGIN_NAMES
+    assert len(registrations) == sum(len(names) for names in PLUGIN_NAMES.values())  # no other registry used
+    # under its class or function name (no suffix such as BasicSR's own "_basicsr"), and never under two names
+    assert all(name == obj.__name__ for _, name, obj in registrations)
+    assert len({id(obj) for _, _, obj in registrations}) == len(registrations)
+    assert all(obj.__module__ in plugin_module_names() for _, _, obj in registrations)
+    importlib.reload(importlib.import_module('rave_basicsr'))  # a second registration pass must not raise ...
+    assert plugin_registrations() == registrations  # ... nor change anything
 
 
 def test_plugin_is_declared_in_the_entry_point_group():
@@ -69,8 +88,9 @@ def test_basicsr_list_marks_the_origin(capsys):
     out = capsys.readouterr().out
     assert 'arch (' in out and 'model (' in out and 'loss (' in out and 'dataset (' in out and 'metric (' in out
     assert 'SRModel' in out and '[basicsr]' in out
-    plugin_rows = [line for line in out.splitlines() if line.strip().endswith('[rave_basicsr]')]
-    assert plugin_rows or not any(name.startswith('rave_basicsr.') for name in plugin_module_names())
+    plugin_rows = {line.split()[0] for line in out.splitlines() if line.strip().endswith('[rave_basicsr]')}
+    assert plugin_rows == set().union(*PLUGIN_NAMES.values())
+    assert re.search(r'^  SRModel +\[basicsr\]$', out, re.MULTILINE)
 
 
 def test_help_texts(capsys):
@@ -114,9 +134,9 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 
 
 def test_missing_and_unreadable_option_files(tmp_path):
-    with pytest.raises(OptionError, match='does not exist'):
+    with pytest.raises(OptionError, match=rf"option file '{re.escape(str(tmp_path / 'nope.yml'))}' does not exist"):
         load_option_file(str(tmp_path / 'nope.yml'))
-    with pytest.raises(OptionError, match='is a directory'):
+    with pytest.raises(OptionError, match=rf"option file '{re.escape(str(tmp_path))}' is a directory"):
         load_option_file(str(tmp_path))
     unreadable = tmp_path / 'locked.yml'
     unreadable.write_bytes(b'\xff\xfe\x00name')

@@ -1,6 +1,7 @@
 """Residual-vector toolkit: the formula, the file format, computation from image sets, interpretation, debiasing."""
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -53,15 +54,16 @@ def test_formula_matches_hand_computation():
 
 
 def test_formula_bad_inputs():
-    with pytest.raises(RaveError, match='non-empty'):
+    with pytest.raises(RaveError, match=r'well-lit embeddings must be a non-empty \[N, D\] tensor, got \[0, 3\]'):
         residual_from_embeddings(torch.zeros(0, 3), torch.ones(2, 3))
-    with pytest.raises(RaveError, match='same encoder'):
+    with pytest.raises(RaveError, match='well-lit embeddings have size 3 but backlit ones 4; both sets must be '
+                                        'embedded by the same encoder'):
         residual_from_embeddings(torch.ones(2, 3), torch.ones(2, 4))
-    with pytest.raises(RaveError, match='zero vectors'):
+    with pytest.raises(RaveError, match=r'well-lit embeddings of rows \[0\] are zero vectors'):
         residual_from_embeddings(torch.tensor([[0.0, 0.0], [1.0, 0.0]]), torch.ones(2, 2))
-    with pytest.raises(RaveError, match='same mean'):
+    with pytest.raises(RaveError, match='the well-lit and backlit sets have the same mean embedding'):
         residual_from_embeddings(torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]]))
-    with pytest.raises(RaveError, match='NaN'):
+    with pytest.raises(RaveError, match='well-lit embeddings contain NaN or Inf values'):
         residual_from_embeddings(torch.tensor([[float('nan'), 0.0]]), torch.tensor([[2.0, 0.0]]))
 
 
@@ -93,20 +95,39 @@ def test_save_refuses_to_overwrite(tmp_path):
     assert path.read_bytes() == b'user data'
     _vector().save(path, overwrite=True)
     assert ResidualVector.load(path).counts['well_lit'] == 5
-    assert [p.name for p in tmp_path.iterdir()] == ['r.safetensors']  # no temporary file left behind
+
+
+def test_a_save_that_fails_midway_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    path = tmp_path / 'r.safetensors'
+    _vector(seed=1).save(path)
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, 'wb') as handle:
+            handle.write(b'half a file')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(safetensors.torch, 'save_file', disk_full)
+    with pytest.raises(OSError, match='No space left on device'):
+        _vector(seed=2).save(path, overwrite=True)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ['r.safetensors']  # the temporary file was removed
 
 
 def test_load_rejects_bad_files(tmp_path):
-    with pytest.raises(RaveError, match='does not exist'):
+    with pytest.raises(RaveError, match=f"residual file '{re.escape(str(tmp_path / 'missing.safetensors'))}' does "
+                                        'not exist'):
         ResidualVector.load(tmp_path / 'missing.safetensors')
     junk = tmp_path / 'junk.safetensors'
     junk.write_bytes(b'\x00' * 40)
-    with pytest.raises(RaveError, match='cannot be read'):
+    with pytest.raises(RaveError, match=f"residual file '{re.escape(str(junk))}' cannot be read as safetensors"):
         ResidualVector.load(junk)
     from safetensors.torch import save_file
     other = tmp_path / 'other.safetensors'
     save_file({'residual': torch.ones(3)}, str(other))
-    with pytest.raises(RaveError, match='not a rave_basicsr residual'):
+    with pytest.raises(RaveError, match='other.safetensors\' is a safetensors file but not a rave_basicsr residual'):
         ResidualVector.load(other)
     # an inconsistent threshold (hand-edited header) is caught
     vector = _vector()
@@ -117,11 +138,12 @@ def test_load_rejects_bad_files(tmp_path):
         tensors = {k: handle.get_tensor(k) for k in handle.keys()}
     meta['threshold'] = json.dumps(vector.threshold + 0.1)
     save_file(tensors, str(tmp_path / 'edited.safetensors'), metadata=meta)
-    with pytest.raises(RaveError, match='threshold'):
+    with pytest.raises(RaveError, match=r'edited.safetensors\': "threshold" is [\d.]+, but <well_lit_mean, residual> '
+                                        r'is [\d.]+; the file is inconsistent'):
         ResidualVector.load(tmp_path / 'edited.safetensors')
     tensors['residual'] = tensors['residual'] * 2
     save_file(tensors, str(tmp_path / 'norm.safetensors'), metadata=dict(meta, threshold=json.dumps(vector.threshold)))
-    with pytest.raises(RaveError, match='unit norm'):
+    with pytest.raises(RaveError, match='norm.safetensors\': "residual" must have unit norm, but its norm is 2.000000'):
         ResidualVector.load(tmp_path / 'norm.safetensors')
 
 
@@ -163,9 +185,12 @@ def test_compute_matches_encoding_each_image(tiny_vit, image_sets):
                 rows.append(tiny_vit.encode_image(image, preprocess=cfg)[0])
         by_hand[key] = torch.stack(rows)
         torch.testing.assert_close(vector.embeddings[key], by_hand[key], atol=1e-5, rtol=1e-5)
-    residual, threshold, _, _ = residual_from_embeddings(by_hand['well_lit'], by_hand['backlit'])
-    torch.testing.assert_close(vector.residual, residual, atol=1e-5, rtol=1e-5)
-    assert vector.threshold == pytest.approx(threshold, abs=1e-5)
+    # the formula by hand (normalise, average, normalise; residual = normalised difference)
+    means = {key: _unit(np.mean([_unit(row) for row in rows.double().numpy()], axis=0))
+             for key, rows in by_hand.items()}
+    residual = _unit(means['well_lit'] - means['backlit'])
+    np.testing.assert_allclose(vector.residual.numpy(), residual, atol=1e-5)
+    assert vector.threshold == pytest.approx(float(means['well_lit'] @ residual), abs=1e-5)
     assert vector.counts == {'well_lit': 5, 'backlit': 4}
     assert vector.encoder_identity == tiny_vit.identity
     assert vector.preprocess == cfg.to_dict()
@@ -209,10 +234,10 @@ def test_compute_bad_folders(tiny_vit, image_sets, tmp_path):
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'texts').mkdir()
     (tmp_path / 'texts' / 'notes.txt').write_text('no images here')
-    for folder, message in (('empty', 'folder is empty'), ('texts', 'no image files')):
-        with pytest.raises(RaveError, match=message):
+    for folder, message in (('empty', 'the folder is empty'), ('texts', 'the folder has no image files')):
+        with pytest.raises(RaveError, match=f'^{re.escape(str(tmp_path / folder))}: {message}'):
             compute_residual(tiny_vit, well, tmp_path / folder, progress=False)
-    with pytest.raises(RaveError, match='not found'):
+    with pytest.raises(RaveError, match=f'^{re.escape(str(tmp_path / "missing"))}: image folder not found'):
         compute_residual(tiny_vit, tmp_path / 'missing', well, progress=False)
     (tmp_path / 'allbad').mkdir()
     (tmp_path / 'allbad' / 'x.png').write_bytes(b'junk')
@@ -303,7 +328,9 @@ def test_interpret_needs_text_tower_and_same_encoder(tiny_vit, image_sets):
     stats = build_image_encoder(STATS)
     well, back = image_sets
     vector = compute_residual(stats, well, back, progress=False)
-    with pytest.raises(RaveError, match='text tower'):
+    with pytest.raises(RaveError, match='^rave residual interpret needs an encoder with a text tower, but the configured '
+                                        r'encoder \{"embed_dim": 31, "network": \{"type": "ImageStatsEncoder"\}, '
+                                        r'"type": "arch"\} is image-only'):
         interpret_residual(vector, stats, progress=False)
     other = build_image_encoder(TINY_VIT_OTHER_SEED)
     with pytest.raises(RaveError, match='another encoder.*init_seed'):
@@ -376,7 +403,9 @@ def test_concept_removal_is_orthogonal(tiny_vit, image_sets):
     assert (directions @ new.residual.double()).abs().max() < 1e-6
     assert new.history[-1]['concepts'] == concepts
     assert new.history[-1]['cosine_to_previous'] == pytest.approx(float(vector.residual @ new.residual), abs=1e-6)
-    with pytest.raises(RaveError, match='text tower'):
-        from rave_basicsr.guidance.encoders import build_image_encoder
-        stats = build_image_encoder(STATS)
-        remove_concepts(compute_residual(stats, well, back, progress=False), stats, ['sky'])
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    stats = build_image_encoder(STATS)
+    image_only = compute_residual(stats, well, back, progress=False)
+    with pytest.raises(RaveError, match=r'^removing text concepts \(--remove-concept\) needs an encoder with a text '
+                                        'tower'):
+        remove_concepts(image_only, stats, ['sky'])

@@ -84,7 +84,7 @@ def test_encoder_defaults_to_the_one_recorded_in_the_file(residual_file, sets, t
     assert main(['residual', 'compute', '--well-lit', str(well), '--backlit', str(back), '--encoder',
                  'arch:ImageStatsEncoder', '-o', str(stats), '--workers', '0']) == 0
     assert main(['residual', 'interpret', str(stats)]) == 2
-    assert 'text' in capsys.readouterr().err
+    assert 'rave residual interpret needs an encoder with a text tower' in capsys.readouterr().err
     # an encoder loaded from a local weights file is known by its hash only: --encoder is required
     vector = ResidualVector.load(residual_file)
     vector.encoder_identity = dict(vector.encoder_identity, weights_sha256='0' * 64)
@@ -142,15 +142,15 @@ def test_encoder_spec_that_does_not_exist(sets, tmp_path, capsys):
     well, back = sets
     base = ['residual', 'compute', '--well-lit', str(well), '--backlit', str(back), '-o', str(tmp_path / 'r.st')]
     assert main(base + ['--encoder', 'open_clip:rave-test-tiny-vitt']) == 2
-    assert "rave-test-tiny-vit" in capsys.readouterr().err            # close matches named
+    assert "Close matches: ['rave-test-tiny-vit'" in capsys.readouterr().err  # (the spec itself contains it)
     assert main(base + ['--encoder', 'openclip:ViT-B-32']) == 2
     assert "did you mean 'open_clip'" in capsys.readouterr().err
     assert main(base + ['--encoder', 'arch:ImageStatEncoder']) == 2
-    assert 'ImageStatsEncoder' in capsys.readouterr().err
+    assert "Close matches: ['ImageStatsEncoder']" in capsys.readouterr().err
     assert main(base + ['--encoder', str(tmp_path / 'missing.yml')]) == 2
-    assert 'not found' in capsys.readouterr().err
+    assert f'--encoder {tmp_path / "missing.yml"}: option file not found' in capsys.readouterr().err
     assert main(base + ['--encoder', 'timm:resnet1888']) == 2
-    assert 'unknown timm model' in capsys.readouterr().err
+    assert "unknown timm model 'resnet1888'. Close matches: ['resnet18'" in capsys.readouterr().err
 
 
 def test_encoder_spec_forms(tmp_path):

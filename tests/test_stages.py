@@ -79,21 +79,26 @@ def test_state_round_trip_continues_identically():
 def test_state_from_other_schedule_is_refused():
     one = StageSchedule([StageSpec('warmup', 2, 'net_g'), StageSpec('guided', None, 'net_g')])
     other = StageSchedule([StageSpec('init', 2, 'p'), StageSpec('guided', None, 'net_g')])
-    with pytest.raises(RaveError, match='stages'):
+    with pytest.raises(RaveError, match=r"saved with stages \['warmup', 'guided'\] but the options define "
+                                        r"\['init', 'guided'\]"):
         other.load_state_dict(one.state_dict())
 
 
-@pytest.mark.parametrize('kwargs', [dict(prefix=[StageSpec('a', None, 'x'), StageSpec('b', 1, 'x')]),
-                                    dict(prefix=[StageSpec('a', 1, 'x'), StageSpec('a', 1, 'x')]),
-                                    dict(prefix=[], rounds=[StageSpec('a', 0, 'x')]),
-                                    dict(prefix=[])])
-def test_invalid_schedules_are_refused(kwargs):
-    with pytest.raises(RaveError):
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(prefix=[StageSpec('a', None, 'x'), StageSpec('b', 1, 'x')]),
+     r'stage "a" has no length \(~\) but is followed by other stages'),
+    (dict(prefix=[StageSpec('a', 1, 'x'), StageSpec('a', 1, 'x')]), r"stage names must be unique, got \['a', 'a'\]"),
+    (dict(prefix=[], rounds=[StageSpec('a', 0, 'x')]), 'the repeated round stages all have length 0'),
+    (dict(prefix=[]), 'a training schedule needs at least one stage'),
+])
+def test_invalid_schedules_are_refused(kwargs, message):
+    with pytest.raises(RaveError, match=message):
         StageSchedule(**kwargs)
 
 
 def test_invalid_specs_are_refused():
-    with pytest.raises(RaveError, match='length'):
+    with pytest.raises(RaveError, match=r'stage "a": its length must be a whole number of iterations >= 0 or ~ '
+                                        r'\(never ends\), got -1'):
         StageSpec('a', -1, 'x')
-    with pytest.raises(RaveError, match='extend_threshold'):
+    with pytest.raises(RaveError, match='stage "a": extend_by is 3 but no extend_threshold is set'):
         StageSpec('a', 2, 'x', extend_by=3)
