@@ -3,7 +3,8 @@
 Run by ``scripts/gpu_check.sh`` (``pytest -m cuda tests/test_cuda.py``); without CUDA every test is skipped, so CI
 stays green. Each test writes what it measured (grey-level differences, weight differences, wall times) as JSON into
 ``$RAVE_GPU_REPORT_DIR`` when that is set, also when its assertion fails; ``bench/gpu_report.py`` puts them into
-``bench/results/gpu.json`` and ``gpu.md``.
+``bench/results/gpu.json`` and ``gpu.md``. Over 400 lines because it is the GPU check's whole test list, in one file
+so that ``scripts/gpu_check.sh`` runs one module.
 
 - ``rave enhance --device cuda`` with the released ``rave_unpaired`` weights on the six shared photos: fp32 within one
   grey level of the CPU and of the official outputs, and really float32 (TF32 off); mixed, tf32, bf16 and fp16 with

@@ -2,7 +2,8 @@
 
 CI has no GPU, so each defect class that would only show on one is provoked here: ``torch.cuda`` availability,
 device counts and bfloat16 support are monkeypatched, autocast runs on the CPU, and the fp16 GradScaler path runs
-with CPU autocast. Factory calls without ``device=`` are caught by ``tests/test_default_device.py``.
+with CPU autocast. Factory calls without ``device=`` are caught by ``tests/test_default_device.py``. Over 400 lines:
+one test (or two) per defect of the GPU path, kept together so that the list of defects reads in one place.
 """
 import datetime
 import math

@@ -31,6 +31,9 @@ How a subclass declares its method:
 * optional hooks around the stages: ``on_iteration_end(stage, iteration_in_stage, current_iter)`` after every
   optimiser step, ``on_stage_end(stage, round_, current_iter)`` and ``on_stage_start(stage)`` when a stage ends and
   the next begins.
+
+At about 420 lines this module is over the project's 400-line guide: what is left here is the one training step and
+the subclass contract it calls, which read best together.
 """
 from collections import OrderedDict
 from contextlib import nullcontext
