@@ -20,7 +20,8 @@ at 1×; the gain at every longer length within 1 dB of the 1× gain; the brighte
 of the ground truth's (synthetic) and of the released weights' (real photos) at 1×; all seeds pass.
 
 Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same option
-file content are reused, so a sweep can be run in parts (``--fresh`` starts over).
+file content are reused, so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
+on a possibly shared machine: each run records the 1-minute load average before and after it.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
         [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh]
@@ -158,7 +159,7 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     option_file = work / 'options' / f'{name}.yml'
     option_file.parent.mkdir(parents=True, exist_ok=True)
     option_file.write_text(yaml.safe_dump(run_options(base, data_dir, name, factor, seed), sort_keys=False))
-    started = time.perf_counter()
+    load_before, started = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
                           cwd=work, capture_output=True, text=True, env=_child_env())
     train_seconds = time.perf_counter() - started
@@ -167,7 +168,8 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     weights = work / 'experiments' / name / 'models' / 'net_g_latest.pth'
     enhance(data_dir / 'val_backlit', work / 'enhanced' / name / 'val', weights)
     rows = score_validation(data_dir, work / 'enhanced' / name / 'val')
-    result = {'train_seconds': train_seconds, 'total_iter': int(base['train']['total_iter']) * factor,
+    result = {'train_seconds': train_seconds, 'load_average': [load_before, os.getloadavg()[0]],
+              'total_iter': int(base['train']['total_iter']) * factor,
               'summary': summarise(rows), 'images': rows}
     if photos is not None:
         enhance(photos, work / 'enhanced' / name / 'photos', weights)
@@ -224,7 +226,8 @@ def markdown(results: dict) -> str:
     s, runs = results['settings'], results['runs']
     lines = ['# Demo recipe robustness (`bench/bench_demo_robustness.py`)', '',
              f'Option file `{s["opt"]}` (sha256 {results["opt_sha256"][:12]}), {results["label"]}. Machine: '
-             f'{results["machine"]["processor"]}; training in a child process with 1 OpenMP thread. Data: '
+             f'{results["machine"]["processor"]}; training in a child process with 1 OpenMP thread (train s: wall '
+             'time, on a shared machine where the runs record a load average). Data: '
              f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
              'lengths are total_iter × factor (the warm-up keeps its length); enhancement by `rave enhance` '
              '(fp32) with the final checkpoint.', '',
@@ -243,8 +246,9 @@ def markdown(results: dict) -> str:
         m = run['summary']
         photos = f'{m["photos_bright"]:+.1f} / {m["photos_dark"]:+.1f}' if 'photos_bright' in m else '—'
         per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
+        load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
         lines.append(f'| {run["model"]} | {run["factor"]}× | {run["seed"]} | {run["total_iter"]} | '
-                     f'{run["train_seconds"]:.0f} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | {m["gain"]:+.2f} | '
+                     f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | {m["gain"]:+.2f} | '
                      f'{100 * m["improved"]:.0f} % | {m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
                      f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} | {per_image} |')
     c = CRITERIA
