@@ -249,7 +249,8 @@ def markdown(results: dict) -> str:
         load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
         lines.append(f'| {run["model"]} | {run["factor"]}× | {run["seed"]} | {run["total_iter"]} | '
                      f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
-                     f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | {m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
+                     f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | '
+                     f'{m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
                      f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} | {per_image} |')
     c = CRITERIA
     lines += ['', f'Criteria (issue 14), per set and seed: gain ≥ {c["min_gain_db"]} dB and ≥ '
