@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from rave_basicsr.cli.rave_cli import main as rave_main
-from rave_basicsr.data.demo_data import DEMO_FOLDERS, bundled_photos, make_demo_data, random_square_crop, \
-    synthesize_backlight
+from rave_basicsr.data.backlight_models import synthesize_backlight
+from rave_basicsr.data.demo_data import DEMO_FOLDERS, bundled_photos, make_demo_data, random_square_crop
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.utils.errors import RaveError
 

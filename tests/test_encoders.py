@@ -324,6 +324,18 @@ def test_image_stats_encoder_layout_and_gradient():
     assert images.grad.abs().sum() > 0
 
 
+def test_image_stats_encoder_cone():
+    """cone: the same statistics in [0, 1] (away from the origin); differences only halve, cosines to a residual
+    change."""
+    centred, cone = ImageStatsEncoder(), ImageStatsEncoder(cone=True)
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(cone(images), 0.5 * (centred(images) + 1), atol=1e-6)
+    assert cone(images).min() >= 0 and cone(images).max() <= 1
+    white, dark = torch.ones(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.1)
+    assert torch.allclose(cone(white) - cone(dark), 0.5 * (centred(white) - centred(dark)), atol=1e-6)
+    assert torch.nn.functional.cosine_similarity(cone(images[:1]), cone(images[1:2])) > 0.5
+
+
 def test_image_stats_residual_pushes_backlit_towards_welllit():
     """The RAVE residual of the stats encoder: a gradient step on a backlit image brightens its dark subject."""
     generator = torch.Generator().manual_seed(0)

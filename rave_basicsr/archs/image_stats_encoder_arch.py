@@ -33,9 +33,16 @@ class ImageStatsEncoder(nn.Module):
 
     The histogram is cumulative on purpose: brightening any pixel lowers every value, so gradients are monotone
     (a binned soft histogram pulls pixels towards the nearest bin centre, often the wrong way).
+
+    ``cone``: every coordinate mapped from [-1, 1] to [0, 1], so that embeddings lie in a narrow cone far from the
+    origin, as CLIP's image embeddings do. Residuals (differences of mean embeddings) do not change, but the cosine
+    of an embedding with a residual does: around the origin it swings with the embedding's direction (a small change
+    of a near-zero embedding turns it a lot, and far-off images such as a white one can score like well-lit ones);
+    in the cone it varies smoothly and almost linearly with the statistics, as RAVE's loss assumes of CLIP.
     """
 
-    def __init__(self, grid_size: int = 4, histogram_levels: int = 8, histogram_softness: float = 0.05) -> None:
+    def __init__(self, grid_size: int = 4, histogram_levels: int = 8, histogram_softness: float = 0.05,
+                 cone: bool = False) -> None:
         super().__init__()
         if not isinstance(grid_size, int) or grid_size < 1:
             raise RaveError(f'ImageStatsEncoder: option "grid_size" must be a positive integer, got {grid_size!r}.')
@@ -48,6 +55,7 @@ class ImageStatsEncoder(nn.Module):
         self.grid_size = grid_size
         self.histogram_levels = histogram_levels
         self.softness = float(histogram_softness)
+        self.cone = bool(cone)
         self.embed_dim = grid_size * grid_size + 3 + 4 + histogram_levels
         levels = (torch.arange(histogram_levels, dtype=torch.float32) + 0.5) / histogram_levels
         self.register_buffer('levels', levels.view(1, histogram_levels, 1), persistent=False)
@@ -72,4 +80,6 @@ class ImageStatsEncoder(nn.Module):
             4.0 * luma_std - 1.0,
             2.0 * cumulative - 1.0,
         ], dim=1)
+        if self.cone:
+            embedding = 0.5 * (embedding + 1.0)
         return embedding.view(batch, self.embed_dim)

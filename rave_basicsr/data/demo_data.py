@@ -2,7 +2,9 @@
 
 Well-lit photos are scikit-image's bundled colour photographs (``skimage.data``: astronaut, coffee, chelsea,
 rocket, motorcycle), cut into deterministic random square crops (45-100 % of the short side, random position,
-random horizontal flip) and resized to ``size``². Backlit versions come from :func:`synthesize_backlight`:
+random horizontal flip) and resized to ``size``². Backlit versions come from a backlight model of
+:mod:`rave_basicsr.data.backlight_models`; the default, ``demo``, is
+:func:`~rave_basicsr.data.backlight_models.synthesize_backlight`:
 
 1. a smooth *subject mask* m in [0, 1]: a soft ellipse around a random point in the lower-middle of the frame
    joined with the foreground below a random soft horizon, lowered on the photo's highlights (which stay
@@ -18,17 +20,21 @@ The ground truth of a backlit image is the crop it was made from. Everything is 
 """
 import os
 import shutil
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import cv2
 import numpy as np
 
+from rave_basicsr.data.backlight_models import DEFAULT_BACKLIGHT, get_backlight_model
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.image_io import encode_image, write_image_atomic
 
 DEMO_FOLDERS = ('train_backlit', 'train_welllit', 'train_gt', 'val_backlit', 'val_gt')
 README_NAME = 'README.txt'
-_HAZE_COLOUR = np.array([1.0, 0.97, 0.9], np.float32)
+_DEMO_MODEL_README = (
+    'Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, weighted\n'
+    'towards dark regions); subject = exposure * x^gamma (gamma 1.8-2.6, exposure 0.35-0.55); background =\n'
+    '(1-h)*(1-(1-x)^k) + h*haze (k 2-3, h 0.2-0.4); blended by the mask, plus a bloom of the highlights.\n')
 
 
 def bundled_photos() -> List[np.ndarray]:
@@ -50,50 +56,6 @@ def random_square_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -
     return np.clip(cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA), 0, 1)
 
 
-def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    return cv2.GaussianBlur(img, (0, 0), sigmaX=max(sigma, 0.5), borderType=cv2.BORDER_REFLECT)
-
-
-def _smoothstep(low: float, high: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - low) / (high - low), 0, 1)
-    return t * t * (3 - 2 * t)
-
-
-def subject_mask(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The smooth H×W mask of the (dark) subject, in [0, 1]; see the module docstring."""
-    h, w = rgb.shape[:2]
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    x, y = x / (w - 1), y / (h - 1)
-    cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.55, 0.8)
-    rx, ry = rng.uniform(0.3, 0.5), rng.uniform(0.35, 0.6)
-    distance = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
-    ellipse = 1.0 - _smoothstep(0.6, 1.4, distance)
-    horizon = rng.uniform(0.45, 0.7)
-    foreground = _smoothstep(horizon - 0.2, horizon + 0.2, y)
-    mask = np.maximum(ellipse, foreground)
-    luma = _blur(rgb @ np.array([0.299, 0.587, 0.114], np.float32), 0.02 * w)
-    mask = mask * (1.0 - 0.4 * _smoothstep(0.7, 0.95, luma))  # highlights stay on the bright side
-    return np.clip(_blur(mask.astype(np.float32), 0.03 * w), 0, 1)
-
-
-def synthesize_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """The backlit version of a well-lit float RGB image and its subject mask (see the module docstring)."""
-    h, w = rgb.shape[:2]
-    mask = subject_mask(rgb, rng)[:, :, None]
-    gamma, exposure = rng.uniform(1.8, 2.6), rng.uniform(0.3, 0.5)
-    subject = exposure * np.power(rgb, gamma)
-    k, haze = rng.uniform(2.0, 3.5), rng.uniform(0.25, 0.45)
-    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    sx, sy, radius = rng.uniform(0.2, 0.8), rng.uniform(-0.1, 0.2), rng.uniform(0.3, 0.5)
-    glow = np.exp(-(((x / (w - 1) - sx) ** 2 + (y / (h - 1) - sy) ** 2) / radius ** 2))[:, :, None]
-    background = background + 0.5 * glow * _HAZE_COLOUR
-    out = mask * subject + (1 - mask) * background
-    bloom = _blur(np.clip(out - 0.85, 0, None).astype(np.float32), 0.08 * w)
-    out = out + rng.uniform(0.5, 1.0) * bloom
-    return np.clip(out, 0, 1).astype(np.float32), mask[:, :, 0]
-
-
 def _write_png(path: str, rgb: np.ndarray) -> None:
     write_image_atomic(path, encode_image(rgb, '.png'))
 
@@ -113,18 +75,20 @@ def _prepare_outdir(outdir: str, overwrite: bool) -> None:
 
 
 def make_demo_data(outdir: str, seed: int = 0, size: int = 128, overwrite: bool = False, n_train: int = 24,
-                   n_welllit: int = 16, n_val: int = 6) -> Dict:
+                   n_welllit: int = 16, n_val: int = 6, backlight: str = DEFAULT_BACKLIGHT) -> Dict:
     """Write the demo set (``train_backlit``, ``train_welllit``, ``train_gt``, ``val_backlit``, ``val_gt``,
     ``README.txt``) into ``outdir``; returns the folder paths and the image counts.
 
     ``train_welllit`` holds other crops than ``train_gt`` (the unpaired regime never sees the ground truth).
-    Sizes of 96 px or more keep NIQE usable on the validation images.
+    Sizes of 96 px or more keep NIQE usable on the validation images. ``backlight`` names the backlight model
+    (other models check a recipe on backlit sets it was not tuned on).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 32:
         raise RaveError(f'demo image size must be an integer of at least 32 pixels (96+ for NIQE), got {size!r}.')
     for name, count in (('n_train', n_train), ('n_welllit', n_welllit), ('n_val', n_val)):
         if count < 1:
             raise RaveError(f'{name} must be at least 1, got {count}.')
+    synthesize = get_backlight_model(backlight).synthesize
     _prepare_outdir(outdir, overwrite)
     photos = bundled_photos()
     train_rng, welllit_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
@@ -132,7 +96,7 @@ def make_demo_data(outdir: str, seed: int = 0, size: int = 128, overwrite: bool 
     for split, rng, count in (('train', train_rng, n_train), ('val', val_rng, n_val)):
         for i in range(count):
             gt = random_square_crop(photos[int(rng.integers(len(photos)))], size, rng)
-            backlit, _ = synthesize_backlight(gt, rng)
+            backlit, _ = synthesize(gt, rng)
             name = f'{split}_{i:03d}.png'
             _write_png(os.path.join(paths[f'{split}_gt'], name), gt)
             _write_png(os.path.join(paths[f'{split}_backlit'], name), backlit)
@@ -140,12 +104,17 @@ def make_demo_data(outdir: str, seed: int = 0, size: int = 128, overwrite: bool 
         crop = random_square_crop(photos[int(welllit_rng.integers(len(photos)))], size, welllit_rng)
         _write_png(os.path.join(paths['train_welllit'], f'welllit_{i:03d}.png'), crop)
     with open(os.path.join(outdir, README_NAME), 'w', encoding='utf-8') as handle:
-        handle.write(_readme(seed, size, n_train, n_welllit, n_val))
-    return dict(paths, outdir=outdir, seed=seed, size=size,
+        handle.write(_readme(seed, size, n_train, n_welllit, n_val, backlight))
+    return dict(paths, outdir=outdir, seed=seed, size=size, backlight=backlight,
                 counts={'train': n_train, 'welllit': n_welllit, 'val': n_val})
 
 
-def _readme(seed: int, size: int, n_train: int, n_welllit: int, n_val: int) -> str:
+def _readme(seed: int, size: int, n_train: int, n_welllit: int, n_val: int, backlight: str) -> str:
+    if backlight != DEFAULT_BACKLIGHT:
+        model = (f'Backlight model: {backlight!r} (rave_basicsr.data.backlight_models), not the demo\'s own: '
+                 'a set for checking a recipe on data it was not tuned on.\n')
+    else:
+        model = _DEMO_MODEL_README
     return f"""RAVE / CLIP-LIT demo data (synthetic, made by `rave demo-data`, seed {seed}, {size}x{size} PNG)
 
 train_backlit/  {n_train} synthetic backlit images (training input)
@@ -155,8 +124,5 @@ val_backlit/    {n_val} synthetic backlit images for validation
 val_gt/         their ground truth (same file names)
 
 Photos: scikit-image's bundled images (astronaut, coffee, chelsea, rocket, motorcycle), random square crops.
-Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, weighted
-towards dark regions); subject = exposure * x^gamma (gamma 1.8-2.6, exposure 0.35-0.55); background =
-(1-h)*(1-(1-x)^k) + h*haze (k 2-3, h 0.2-0.4); blended by the mask, plus a bloom of the highlights.
-This is a toy stand-in for BAID / DIV2K: use it to check that pipelines run, not to compare methods.
+{model}This is a toy stand-in for BAID / DIV2K: use it to check that pipelines run, not to compare methods.
 """

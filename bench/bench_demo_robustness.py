@@ -1,0 +1,356 @@
+"""Robustness of an offline demo recipe (issue 14): does it enhance backlit sets it was not tuned on, whatever the
+training length and the seed, and does it leave well-exposed regions as they were?
+
+For every backlight model of ``rave_basicsr.data.backlight_models`` a demo set is written (``rave demo-data``'s
+function, data seed 0) into the work folder; for every length factor (``total_iter`` × 1, 2, 4; the warm-up keeps its
+length) and training seed (``manual_seed``) a copy of the option file, with the data paths, name, seed and length
+overridden, is trained by the real ``basicsr train`` in a child process (one OpenMP thread, as the tests run it);
+the validation images, and the real backlit sample photos when the shared data folder has them, are enhanced with
+the final checkpoint by ``rave enhance`` (fp32, as ``scripts/demo.sh`` does otherwise) and scored:
+
+* PSNR of input and output against the ground truth per image (8-bit RGB, BasicSR's ``calculate_psnr``), the mean
+  gain and the share of images improved;
+* the change of the mean luminance (0-255, 0.299 R + 0.587 G + 0.114 B) over each input's brightest and darkest
+  fifth of pixels, output minus input; on the synthetic sets the ground truth's own change is the reference (the
+  backlight models brighten the background, so the right answer there is a darkening), on the real photos the
+  released RAVE weights' (measured here too; the issue states about -3 grey levels).
+
+Criteria (issue 14) per backlight model and seed, then over seeds: gain >= 2 dB and >= 80 % of the images improved
+at 1×; the gain at every longer length within 1 dB of the 1× gain; the brightest-fifth change within 10 grey levels
+of the ground truth's (synthetic) and of the released weights' (real photos) at 1×; all seeds pass.
+
+Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same option
+file content are reused, so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
+on a possibly shared machine: each run records the 1-minute load average before and after it.
+
+    python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
+        [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh]
+"""
+import argparse
+import copy
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import rave_basicsr  # noqa: E402,F401
+from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
+from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
+from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
+from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
+from rave_basicsr.utils.image_io import read_image  # noqa: E402
+from rave_basicsr.utils.options import load_option_file  # noqa: E402
+from tests.conftest import shared_data_dir  # noqa: E402
+
+DEFAULT_OPT = REPO / 'options' / 'demo' / 'train_rave_demo.yml'
+DEMO_DATA = 'demo/data/'
+LUMA = np.array([0.299, 0.587, 0.114])
+#: issue 14's criteria; ``bright_tolerance``: grey levels between the brightest-fifth change and its reference
+CRITERIA = {'min_gain_db': 2.0, 'min_improved': 0.8, 'max_drift_db': 1.0, 'bright_tolerance': 10.0}
+RELEASED_WEIGHTS = 'rave_unpaired.pth'
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (reports name no machine's folders)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return Path(path).name
+
+
+def _child_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1',
+                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get('PYTHONPATH')) if p))
+
+
+def _with_data(value, data_dir: Path):
+    """``value`` with every ``demo/data/...`` path of the option file moved to ``data_dir``."""
+    if isinstance(value, dict):
+        return {key: _with_data(item, data_dir) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_with_data(item, data_dir) for item in value]
+    if isinstance(value, str) and value.startswith(DEMO_DATA):
+        return str(data_dir / value[len(DEMO_DATA):])
+    return value
+
+
+def run_options(base: dict, data_dir: Path, name: str, factor: int, seed: int) -> dict:
+    """A copy of the option file's options for one run: data in ``data_dir``, ``total_iter`` × ``factor``, seed
+    ``seed``, one validation and one checkpoint at the end, no TensorBoard."""
+    options = _with_data(copy.deepcopy(base), data_dir)
+    total = int(base['train']['total_iter']) * factor
+    options.update(name=name, manual_seed=seed)
+    options['train']['total_iter'] = total
+    options['val']['val_freq'] = total
+    options['logger'].update(save_checkpoint_freq=total, use_tb_logger=False)
+    return options
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """Luminance in grey levels of an 8-bit-valued float RGB image."""
+    return rgb @ LUMA
+
+
+def fifth_changes(inp: np.ndarray, out: np.ndarray) -> Dict[str, float]:
+    """Mean luminance change (out - in, grey levels) over the input's brightest and darkest fifth of pixels."""
+    luma_in, luma_out = luminance(inp), luminance(out)
+    bright, dark = luma_in >= np.quantile(luma_in, 0.8), luma_in <= np.quantile(luma_in, 0.2)
+    return {'bright': float(luma_out[bright].mean() - luma_in[bright].mean()),
+            'dark': float(luma_out[dark].mean() - luma_in[dark].mean())}
+
+
+def load8(path: Path) -> np.ndarray:
+    """An image as 8-bit-valued float64 RGB (as ``scripts/demo.sh`` scores it)."""
+    return np.round(read_image(str(path)).rgb * 255).astype(np.float64)
+
+
+def enhance(inputs: Path, out_dir: Path, weights: Path) -> None:
+    """``rave enhance`` in a child process, fp32, replacing earlier outputs."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(inputs), '-o', str(out_dir),
+               '--weights', str(weights), '--precision', 'fp32', '--overwrite']
+    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    if done.returncode != 0:
+        raise RuntimeError(f'rave enhance failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}')
+
+
+def score_validation(data_dir: Path, out_dir: Path) -> List[dict]:
+    """Per-image PSNR (input, output, against the ground truth) and fifth changes (output's, ground truth's)."""
+    rows = []
+    for gt_path in sorted((data_dir / 'val_gt').iterdir()):
+        inp, out, gt = (load8(folder / gt_path.name) for folder in (data_dir / 'val_backlit', out_dir, gt_path.parent))
+        rows.append({'image': gt_path.stem, 'psnr_in': calculate_psnr(inp, gt, 0),
+                     'psnr_out': calculate_psnr(out, gt, 0),
+                     **{f'{key}_out': value for key, value in fifth_changes(inp, out).items()},
+                     **{f'{key}_gt': value for key, value in fifth_changes(inp, gt).items()}})
+    return rows
+
+
+def score_photos(photos: Path, out_dir: Path) -> List[dict]:
+    """Per-photo fifth changes of real backlit photos (no ground truth)."""
+    return [{'image': path.stem, **fifth_changes(load8(path), load8(out_dir / path.name))}
+            for path in sorted(photos.iterdir()) if path.is_file()]
+
+
+def summarise(rows: List[dict]) -> dict:
+    psnr_in, psnr_out = np.array([r['psnr_in'] for r in rows]), np.array([r['psnr_out'] for r in rows])
+    return {'psnr_in': float(psnr_in.mean()), 'psnr_out': float(psnr_out.mean()),
+            'gain': float((psnr_out - psnr_in).mean()), 'improved': float((psnr_out > psnr_in).mean()),
+            **{key: float(np.mean([r[key] for r in rows])) for key in ('bright_out', 'dark_out', 'bright_gt',
+                                                                       'dark_gt')}}
+
+
+def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: int, seed: int,
+                    photos: Optional[Path]) -> dict:
+    """One run: ``basicsr train`` on the copied options, then enhance and score."""
+    shutil.rmtree(work / 'experiments' / name, ignore_errors=True)
+    option_file = work / 'options' / f'{name}.yml'
+    option_file.parent.mkdir(parents=True, exist_ok=True)
+    option_file.write_text(yaml.safe_dump(run_options(base, data_dir, name, factor, seed), sort_keys=False))
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
+                          cwd=work, capture_output=True, text=True, env=_child_env())
+    train_seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
+    weights = work / 'experiments' / name / 'models' / 'net_g_latest.pth'
+    enhance(data_dir / 'val_backlit', work / 'enhanced' / name / 'val', weights)
+    rows = score_validation(data_dir, work / 'enhanced' / name / 'val')
+    result = {'train_seconds': train_seconds, 'load_average': [load_before, os.getloadavg()[0]],
+              'total_iter': int(base['train']['total_iter']) * factor,
+              'summary': summarise(rows), 'images': rows}
+    if photos is not None:
+        enhance(photos, work / 'enhanced' / name / 'photos', weights)
+        result['photos'] = score_photos(photos, work / 'enhanced' / name / 'photos')
+        result['summary']['photos_bright'] = float(np.mean([r['bright'] for r in result['photos']]))
+        result['summary']['photos_dark'] = float(np.mean([r['dark'] for r in result['photos']]))
+    return result
+
+
+def released_reference(photos: Path, work: Path) -> Optional[dict]:
+    """The released RAVE weights' fifth changes on the real photos (the reference of the bright criterion)."""
+    weights = shared_data_dir() / 'official_checkpoints' / RELEASED_WEIGHTS
+    if not weights.is_file():
+        return None
+    enhance(photos, work / 'enhanced' / 'released', weights)
+    rows = score_photos(photos, work / 'enhanced' / 'released')
+    return {'weights': RELEASED_WEIGHTS, 'photos': rows, 'bright': float(np.mean([r['bright'] for r in rows])),
+            'dark': float(np.mean([r['dark'] for r in rows]))}
+
+
+def run_key(model: str, factor: int, seed: int) -> str:
+    return f'{model}_x{factor}_s{seed}'
+
+
+def verdicts(results: dict) -> dict:
+    """Issue 14's criteria per backlight model and seed (from the runs present), and over seeds."""
+    runs, reference = results['runs'], results.get('released')
+    out = {}
+    for model in results['settings']['models']:
+        per_seed = {}
+        for seed in results['settings']['seeds']:
+            base = runs.get(run_key(model, 1, seed))
+            if base is None:
+                continue
+            s = base['summary']
+            checks = {'gain': s['gain'] >= CRITERIA['min_gain_db'],
+                      'improved': s['improved'] >= CRITERIA['min_improved'],
+                      'bright_vs_gt': abs(s['bright_out'] - s['bright_gt']) <= CRITERIA['bright_tolerance']}
+            if reference is not None and 'photos_bright' in s:
+                checks['bright_photos'] = abs(s['photos_bright'] - reference['bright']) <= CRITERIA['bright_tolerance']
+            for factor in results['settings']['lengths']:
+                longer = runs.get(run_key(model, factor, seed))
+                if factor != 1 and longer is not None:
+                    drift = longer['summary']['gain'] - s['gain']
+                    checks[f'drift_x{factor}'] = abs(drift) <= CRITERIA['max_drift_db']
+            per_seed[str(seed)] = {'checks': checks, 'pass': all(checks.values())}
+        if per_seed:
+            out[model] = {'seeds': per_seed, 'all_seeds_pass': all(v['pass'] for v in per_seed.values()),
+                          'seeds_measured': len(per_seed)}
+    return out
+
+
+def markdown(results: dict) -> str:
+    s, runs = results['settings'], results['runs']
+    lines = ['# Demo recipe robustness (`bench/bench_demo_robustness.py`)', '',
+             f'Option file `{s["opt"]}` (sha256 {results["opt_sha256"][:12]}), {results["label"]}. Machine: '
+             f'{results["machine"]["processor"]}; training in a child process with 1 OpenMP thread (train s: wall '
+             'time, on a shared machine where the runs record a load average). Data: '
+             f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
+             'lengths are total_iter × factor (the warm-up keeps its length); enhancement by `rave enhance` '
+             '(fp32) with the final checkpoint.', '',
+             'PSNR is the mean over the validation images against the ground truth (dB); bright / dark: mean '
+             'luminance change (grey levels, output − input) over the input\'s brightest / darkest fifth of pixels, '
+             'the ground truth\'s own change in brackets (the right answer on these synthetic sets).']
+    if results.get('released'):
+        r = results['released']
+        lines += ['', f'Real backlit sample photos ({len(r["photos"])}): the released weights ({r["weights"]}) '
+                      f'change the brightest fifth by {r["bright"]:+.1f} and the darkest by {r["dark"]:+.1f} grey '
+                      'levels on average; the "photos" columns give each run\'s figures on the same photos.']
+    lines += ['', '| set | length | seed | iters | train s | PSNR in → out | gain | improved | bright (gt) | '
+                  'dark (gt) | photos bright / dark | per-image out PSNR |', '|---' * 12 + '|']
+    order = list(BACKLIGHT_MODELS)
+    for run in sorted(runs.values(), key=lambda r: (order.index(r['model']), r['factor'], r['seed'])):
+        m = run['summary']
+        photos = f'{m["photos_bright"]:+.1f} / {m["photos_dark"]:+.1f}' if 'photos_bright' in m else '—'
+        per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
+        load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
+        lines.append(f'| {run["model"]} | {run["factor"]}× | {run["seed"]} | {run["total_iter"]} | '
+                     f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
+                     f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | '
+                     f'{m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
+                     f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} | {per_image} |')
+    c = CRITERIA
+    lines += ['', f'Criteria (issue 14), per set and seed: gain ≥ {c["min_gain_db"]} dB and ≥ '
+                  f'{100 * c["min_improved"]:.0f} % improved at 1×; every longer length\'s gain within '
+                  f'{c["max_drift_db"]} dB of 1×; brightest-fifth change within {c["bright_tolerance"]:.0f} grey '
+                  'levels of the ground truth\'s (synthetic) and of the released weights\' (photos) at 1×; then all '
+                  'seeds pass. A criterion is listed only when its runs were made.', '',
+              '| set | seed | checks (✓ pass, ✗ fail) | pass |', '|---|---|---|---|']
+    for model, verdict in results['verdicts'].items():
+        for seed, entry in verdict['seeds'].items():
+            checks = ', '.join(f'{name} {"✓" if ok else "✗"}' for name, ok in entry['checks'].items())
+            lines.append(f'| {model} | {seed} | {checks} | {"yes" if entry["pass"] else "no"} |')
+    lines += ['', 'All seeds pass: ' + ', '.join(
+        f'{model} {"yes" if v["all_seeds_pass"] else "no"} ({v["seeds_measured"]} seed(s) measured)'
+        for model, v in results['verdicts'].items()), '']
+    return '\n'.join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--opt', default=str(DEFAULT_OPT), help='demo option file (never edited; copies are run)')
+    parser.add_argument('--models', nargs='+', default=list(BACKLIGHT_MODELS), choices=list(BACKLIGHT_MODELS))
+    parser.add_argument('--lengths', nargs='+', type=int, default=[1, 2, 4], help='total_iter factors')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2], help='training seeds (manual_seed)')
+    parser.add_argument('--quick', action='store_true', help='smoke run: the mild set, 1×, seed 0')
+    parser.add_argument('--size', type=int, default=128, help='demo image side (rave demo-data --size)')
+    parser.add_argument('--photos', default=None,
+                        help='folder of real backlit photos (default: the shared data folder\'s backlit_samples '
+                             'when present; "" for none)')
+    parser.add_argument('--label', default='the shipped recipe', help='what the option file is, for the report')
+    parser.add_argument('--name', default=None, help='results file stem (default demo_robustness, or '
+                                                     'demo_robustness_<option file stem> for another file)')
+    parser.add_argument('--work', default=None, help='work folder (default: under the system temp folder)')
+    parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
+    parser.add_argument('--fresh', action='store_true', help='ignore runs already in the results file')
+    args = parser.parse_args()
+    if args.quick:
+        args.models, args.lengths, args.seeds = ['mild'], [1], [0]
+    torch.set_num_threads(1)
+    opt_path = Path(args.opt).resolve()
+    stem = opt_path.stem
+    name = args.name or ('demo_robustness' if opt_path == DEFAULT_OPT.resolve() else f'demo_robustness_{stem}')
+    work = Path(args.work or Path(tempfile.gettempdir()) / 'rave_bench_demo_robustness' / stem).resolve()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = load_option_file(str(opt_path))
+    opt_sha = hashlib.sha256(opt_path.read_bytes()).hexdigest()
+    if args.photos is None:
+        default = shared_data_dir() / 'backlit_samples'
+        photos = default if default.is_dir() else None
+    else:
+        photos = Path(args.photos) if args.photos else None
+
+    previous = out / f'{name}.json'
+    runs = {}
+    if previous.is_file() and not args.fresh:
+        earlier = json.loads(previous.read_text())
+        if earlier.get('opt_sha256') == opt_sha:
+            runs = earlier['runs']
+    results = {'opt_sha256': opt_sha, 'label': args.label,
+               'machine': {'processor': cpu_capability(), 'platform': platform.platform(),
+                           'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'train_threads': 1},
+               'settings': {'opt': _shown_path(opt_path), 'models': args.models, 'lengths': args.lengths,
+                            'seeds': args.seeds, 'size': args.size, 'n_val': 6,
+                            'photos': None if photos is None else photos.name},
+               'criteria': CRITERIA, 'runs': runs}
+    if photos is not None:
+        results['released'] = released_reference(photos, work)
+
+    def save() -> None:
+        """Write the results; the runs kept from earlier parts of the sweep count in the settings and verdicts."""
+        merged = dict(results, settings=dict(results['settings']))
+        merged['settings'].update(
+            models=[m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())],
+            lengths=sorted({*args.lengths, *(r['factor'] for r in runs.values())}),
+            seeds=sorted({*args.seeds, *(r['seed'] for r in runs.values())}))
+        merged['verdicts'] = verdicts(merged)
+        previous.write_text(json.dumps(merged, indent=2))
+        (out / f'{name}.md').write_text(markdown(merged))
+
+    for model in args.models:
+        data_dir = work / 'data' / model
+        if not (data_dir / 'val_gt').is_dir():
+            make_demo_data(str(data_dir), seed=0, size=args.size, backlight=model, overwrite=True)
+    for seed in args.seeds:
+        for factor in args.lengths:
+            for model in args.models:
+                key = run_key(model, factor, seed)
+                if key in runs:
+                    continue
+                result = train_and_score(base, work / 'data' / model, work, key, factor, seed, photos)
+                runs[key] = {'model': model, 'factor': factor, 'seed': seed, **result}
+                m = result['summary']
+                print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
+                      f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',
+                      flush=True)
+                save()
+    save()
+    print((out / f'{name}.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
