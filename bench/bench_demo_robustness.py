@@ -1,4 +1,4 @@
-"""Robustness of an offline demo recipe (issue 14): does it enhance backlit sets it was not tuned on, whatever the
+"""Robustness of an offline demo recipe: does it enhance backlit sets it was not tuned on, whatever the
 training length and the seed, and does it leave well-exposed regions as they were?
 
 For every backlight model of ``rave_basicsr.data.backlight_models`` a demo set is written (``rave demo-data``'s
@@ -13,9 +13,9 @@ the final checkpoint by ``rave enhance`` (fp32, as ``scripts/demo.sh`` does othe
 * the change of the mean luminance (0-255, 0.299 R + 0.587 G + 0.114 B) over each input's brightest and darkest
   fifth of pixels, output minus input; on the synthetic sets the ground truth's own change is the reference (the
   backlight models brighten the background, so the right answer there is a darkening), on the real photos the
-  released RAVE weights' (measured here too; the issue states about -3 grey levels).
+  released RAVE weights' (measured here too: about -3 grey levels).
 
-Criteria (issue 14) per backlight model and seed, then over seeds: gain >= 2 dB and >= 80 % of the images improved
+The robustness criteria, per backlight model and seed, then over seeds: gain >= 2 dB and >= 80 % of the images improved
 at 1×; the gain at every longer length within 1 dB of the 1× gain; the brightest-fifth change within 10 grey levels
 of the ground truth's (synthetic) and of the released weights' (real photos) at 1×; all seeds pass.
 
@@ -53,12 +53,13 @@ from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
 from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
 from rave_basicsr.utils.image_io import read_image  # noqa: E402
 from rave_basicsr.utils.options import load_option_file  # noqa: E402
-from tests.conftest import shared_data_dir  # noqa: E402
+from tests.shared_data import shared_data_dir  # noqa: E402
 
 DEFAULT_OPT = REPO / 'options' / 'demo' / 'train_rave_demo.yml'
 DEMO_DATA = 'demo/data/'
 LUMA = np.array([0.299, 0.587, 0.114])
-#: issue 14's criteria; ``bright_tolerance``: grey levels between the brightest-fifth change and its reference
+#: the robustness criteria (module docstring); ``bright_tolerance``: grey levels between the brightest-fifth change
+#: and its reference
 CRITERIA = {'min_gain_db': 2.0, 'min_improved': 0.8, 'max_drift_db': 1.0, 'bright_tolerance': 10.0}
 RELEASED_WEIGHTS = 'rave_unpaired.pth'
 
@@ -195,7 +196,7 @@ def run_key(model: str, factor: int, seed: int) -> str:
 
 
 def verdicts(results: dict) -> dict:
-    """Issue 14's criteria per backlight model and seed (from the runs present), and over seeds."""
+    """The robustness criteria per backlight model and seed (from the runs present), and over seeds."""
     runs, reference = results['runs'], results.get('released')
     out = {}
     for model in results['settings']['models']:
@@ -253,7 +254,7 @@ def markdown(results: dict) -> str:
                      f'{m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
                      f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} | {per_image} |')
     c = CRITERIA
-    lines += ['', f'Criteria (issue 14), per set and seed: gain ≥ {c["min_gain_db"]} dB and ≥ '
+    lines += ['', f'Criteria, per set and seed: gain ≥ {c["min_gain_db"]} dB and ≥ '
                   f'{100 * c["min_improved"]:.0f} % improved at 1×; every longer length\'s gain within '
                   f'{c["max_drift_db"]} dB of 1×; brightest-fifth change within {c["bright_tolerance"]:.0f} grey '
                   'levels of the ground truth\'s (synthetic) and of the released weights\' (photos) at 1×; then all '

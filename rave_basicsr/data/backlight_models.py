@@ -1,7 +1,7 @@
 """Synthetic backlight models: turn a well-lit float RGB image into a backlit one, deterministically from an rng.
 
 One model (``demo``) made the demo set the demo recipe was tuned on; the others exist so that a recipe can be
-checked on backlit sets it was *not* tuned on (issue 14: a recipe that only works on its own data is not robust).
+checked on backlit sets it was *not* tuned on (a recipe that only works on its own data is not robust).
 Every model returns ``(backlit, subject_mask)``: float32 H×W×3 in [0, 1] and the H×W mask of the darkened subject.
 
 * ``demo``: the demo set's model (:func:`synthesize_backlight`; described in docs/data.md);
@@ -87,18 +87,48 @@ def subject_mask(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(_blur(mask.astype(np.float32), 0.03 * w), 0, 1)
 
 
+class Lighting(NamedTuple):
+    """The ranges a backlight model draws its lighting from (uniformly, in this order) and its fixed glow strength.
+
+    The subject becomes ``exposure · x^gamma``; the background ``(1 - haze) · (1 - (1 - x)^k) + haze · white``
+    (``k`` from ``compression``: highlights compressed, the whole lifted) plus ``glow`` times a light source behind
+    the scene; the two are blended by the subject mask, then ``bloom`` spreads what is above 0.85.
+    """
+    gamma: Tuple[float, float]
+    exposure: Tuple[float, float]
+    compression: Tuple[float, float]
+    haze: Tuple[float, float]
+    glow: float
+    bloom: Tuple[float, float]
+
+
+def light_subject_and_background(rgb: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                                 lighting: Lighting) -> Tuple[np.ndarray, np.ndarray]:
+    """The backlit image under ``lighting`` with the H×W subject ``mask``, and the mask (see :class:`Lighting`)."""
+    h, w = rgb.shape[:2]
+    weight = mask[:, :, None]
+    gamma, exposure = rng.uniform(*lighting.gamma), rng.uniform(*lighting.exposure)
+    subject = exposure * np.power(rgb, gamma)
+    k, haze = rng.uniform(*lighting.compression), rng.uniform(*lighting.haze)
+    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
+    background = background + lighting.glow * _glow(h, w, rng) * _HAZE_COLOUR
+    out = weight * subject + (1 - weight) * background
+    return _finish(_bloom(out, rng.uniform(*lighting.bloom), w), mask)
+
+
+DEMO_LIGHTING = Lighting(gamma=(1.8, 2.6), exposure=(0.3, 0.5), compression=(2.0, 3.5), haze=(0.25, 0.45), glow=0.5,
+                         bloom=(0.5, 1.0))
+SUBJECT_LIGHTING = Lighting(gamma=(2.2, 3.0), exposure=(0.15, 0.3), compression=(1.5, 3.0), haze=(0.15, 0.35),
+                            glow=0.4, bloom=(0.3, 0.8))
+MILD_LIGHTING = Lighting(gamma=(1.15, 1.4), exposure=(0.58, 0.7), compression=(1.1, 1.4), haze=(0.06, 0.1),
+                         glow=0.15, bloom=(0.1, 0.3))
+SILHOUETTE_LIGHTING = Lighting(gamma=(2.5, 3.5), exposure=(0.04, 0.12), compression=(3.5, 5.0), haze=(0.3, 0.5),
+                               glow=0.8, bloom=(0.8, 1.2))
+
+
 def synthesize_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """The ``demo`` model: the backlit version of a well-lit float RGB image and its subject mask."""
-    h, w = rgb.shape[:2]
-    mask = subject_mask(rgb, rng)[:, :, None]
-    gamma, exposure = rng.uniform(1.8, 2.6), rng.uniform(0.3, 0.5)
-    subject = exposure * np.power(rgb, gamma)
-    k, haze = rng.uniform(2.0, 3.5), rng.uniform(0.25, 0.45)
-    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
-    background = background + 0.5 * _glow(h, w, rng) * _HAZE_COLOUR
-    out = mask * subject + (1 - mask) * background
-    out = _bloom(out, rng.uniform(0.5, 1.0), w)
-    return _finish(out, mask[:, :, 0])
+    return light_subject_and_background(rgb, subject_mask(rgb, rng), rng, DEMO_LIGHTING)
 
 
 def shaped_subject_mask(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -131,33 +161,16 @@ def shaped_subject_mask(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 def subject_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """The ``subject`` model: :func:`shaped_subject_mask`, a darker subject, a lighter haze than ``demo``."""
-    h, w = rgb.shape[:2]
-    mask = shaped_subject_mask(rgb, rng)[:, :, None]
-    gamma, exposure = rng.uniform(2.2, 3.0), rng.uniform(0.15, 0.3)
-    subject = exposure * np.power(rgb, gamma)
-    k, haze = rng.uniform(1.5, 3.0), rng.uniform(0.15, 0.35)
-    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
-    background = background + 0.4 * _glow(h, w, rng) * _HAZE_COLOUR
-    out = mask * subject + (1 - mask) * background
-    return _finish(_bloom(out, rng.uniform(0.3, 0.8), w), mask[:, :, 0])
+    return light_subject_and_background(rgb, shaped_subject_mask(rgb, rng), rng, SUBJECT_LIGHTING)
 
 
 def mild_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """The ``mild`` model: the demo's subject shape, gently under-exposed, under a lightly lifted background."""
-    h, w = rgb.shape[:2]
-    mask = subject_mask(rgb, rng)[:, :, None]
-    gamma, exposure = rng.uniform(1.15, 1.4), rng.uniform(0.58, 0.7)
-    subject = exposure * np.power(rgb, gamma)
-    k, haze = rng.uniform(1.1, 1.4), rng.uniform(0.06, 0.1)
-    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
-    background = background + 0.15 * _glow(h, w, rng) * _HAZE_COLOUR
-    out = mask * subject + (1 - mask) * background
-    return _finish(_bloom(out, rng.uniform(0.1, 0.3), w), mask[:, :, 0])
+    return light_subject_and_background(rgb, subject_mask(rgb, rng), rng, MILD_LIGHTING)
 
 
-def silhouette_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
-    """The ``silhouette`` model: the demo's subject shape with sharper edges, nearly black, before a blown-out
-    background with a strong glow and bloom."""
+def silhouette_mask(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The demo's subject shape with sharper edges and a higher, sharper horizon (H×W, in [0, 1])."""
     h, w = rgb.shape[:2]
     x, y = _grid(h, w)
     cx, cy = rng.uniform(0.3, 0.7), rng.uniform(0.5, 0.8)
@@ -165,14 +178,13 @@ def silhouette_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.
     ellipse = 1.0 - _smoothstep(0.85, 1.1, np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2))
     horizon = rng.uniform(0.6, 0.8)
     mask = _blur(np.maximum(ellipse, _smoothstep(horizon - 0.05, horizon + 0.05, y)).astype(np.float32), 0.01 * w)
-    mask = np.clip(mask, 0, 1)[:, :, None]
-    gamma, exposure = rng.uniform(2.5, 3.5), rng.uniform(0.04, 0.12)
-    subject = exposure * np.power(rgb, gamma)
-    k, haze = rng.uniform(3.5, 5.0), rng.uniform(0.3, 0.5)
-    background = (1 - haze) * (1 - np.power(1 - rgb, k)) + haze * _HAZE_COLOUR
-    background = background + 0.8 * _glow(h, w, rng) * _HAZE_COLOUR
-    out = mask * subject + (1 - mask) * background
-    return _finish(_bloom(out, rng.uniform(0.8, 1.2), w), mask[:, :, 0])
+    return np.clip(mask, 0, 1)
+
+
+def silhouette_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """The ``silhouette`` model: :func:`silhouette_mask`, the subject nearly black, before a blown-out background
+    with a strong glow and bloom."""
+    return light_subject_and_background(rgb, silhouette_mask(rgb, rng), rng, SILHOUETTE_LIGHTING)
 
 
 def window_backlight(rgb: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,40 @@
+"""Every benchmark script under bench/ still starts: its imports resolve and its command line parses (``--help``).
+
+The benchmarks are not run by the suite (they measure, and take minutes), so a moved helper would otherwise only
+show when someone next runs one. One child process runs them all (the scripts set thread counts and ``sys.path``).
+"""
+import subprocess
+import sys
+import textwrap
+
+from tests.pipeline_helpers import subprocess_env
+from tests.shared_data import REPO_ROOT
+
+SCRIPTS = sorted((REPO_ROOT / 'bench').glob('*.py'))
+
+DRIVER = textwrap.dedent('''
+    import contextlib, io, runpy, sys
+    failures = []
+    for path in sys.argv[1:]:
+        sys.argv = [path, '--help']
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                runpy.run_path(path, run_name='__main__')
+            failures.append(f'{path}: --help returned without exiting')
+        except SystemExit as stop:
+            if stop.code not in (0, None) or 'usage:' not in out.getvalue():
+                failures.append(f'{path}: exit {stop.code!r}, output {out.getvalue()[:200]!r}')
+        except Exception as error:  # an import or a name that moved
+            failures.append(f'{path}: {type(error).__name__}: {error}')
+    print('\\n'.join(failures) or 'all started')
+    sys.exit(1 if failures else 0)
+''')
+
+
+def test_every_benchmark_script_starts():
+    assert len(SCRIPTS) >= 8, SCRIPTS
+    result = subprocess.run([sys.executable, '-c', DRIVER, *map(str, SCRIPTS)], cwd=REPO_ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().endswith('all started'), result.stdout[-3000:]
