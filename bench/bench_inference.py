@@ -45,7 +45,7 @@ EQUAL_OUTPUT_GREY_LEVELS = 1.0
 
 def _shared_data() -> Path:
     """The project's shared data folder: ``$RAVE_SHARED_DATA``, which :func:`main` sets for its workers to the
-    tests' default (``tests/conftest.py``) when it is not set."""
+    tests' default (``tests/shared_data.py``) when it is not set."""
     return Path(os.environ.get('RAVE_SHARED_DATA', ''))
 
 
@@ -213,6 +213,7 @@ def main() -> None:
         worker(args)
         return
     if 'RAVE_SHARED_DATA' not in os.environ:  # the workers read the photo and the weights the tests use
+        sys.path.insert(0, str(REPO))
         from tests.shared_data import shared_data_dir
         os.environ['RAVE_SHARED_DATA'] = str(shared_data_dir())
 

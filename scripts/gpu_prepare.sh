@@ -14,7 +14,7 @@
 #
 #   bash scripts/gpu_prepare.sh     # uses ./.venv (scripts/setup.sh); override with VENV=/path/to/venv and
 #                                   # RAVE_SHARED_DATA=/path/to/shared/data (default: the tests' default,
-#                                   # tests/conftest.py's shared_data_dir)
+#                                   # tests/shared_data.py's shared_data_dir)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
