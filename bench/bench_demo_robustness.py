@@ -48,16 +48,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import rave_basicsr  # noqa: E402,F401
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
+from rave_basicsr.archs.image_stats_encoder_arch import LUMA_WEIGHTS  # noqa: E402
 from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
 from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
 from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
 from rave_basicsr.utils.image_io import read_image  # noqa: E402
 from rave_basicsr.utils.options import load_option_file  # noqa: E402
+from tests.pipeline_helpers import single_thread_env  # noqa: E402
 from tests.shared_data import shared_data_dir  # noqa: E402
 
 DEFAULT_OPT = REPO / 'options' / 'demo' / 'train_rave_demo.yml'
 DEMO_DATA = 'demo/data/'
-LUMA = np.array([0.299, 0.587, 0.114])
 #: the robustness criteria (module docstring); ``bright_tolerance``: grey levels between the brightest-fifth change
 #: and its reference
 CRITERIA = {'min_gain_db': 2.0, 'min_improved': 0.8, 'max_drift_db': 1.0, 'bright_tolerance': 10.0}
@@ -70,11 +71,6 @@ def _shown_path(path: Path) -> str:
         return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
         return Path(path).name
-
-
-def _child_env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1',
-                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get('PYTHONPATH')) if p))
 
 
 def _with_data(value, data_dir: Path):
@@ -102,7 +98,7 @@ def run_options(base: dict, data_dir: Path, name: str, factor: int, seed: int) -
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
     """Luminance in grey levels of an 8-bit-valued float RGB image."""
-    return rgb @ LUMA
+    return rgb @ np.array(LUMA_WEIGHTS)
 
 
 def fifth_changes(inp: np.ndarray, out: np.ndarray) -> Dict[str, float]:
@@ -122,7 +118,7 @@ def enhance(inputs: Path, out_dir: Path, weights: Path) -> None:
     """``rave enhance`` in a child process, fp32, replacing earlier outputs."""
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(inputs), '-o', str(out_dir),
                '--weights', str(weights), '--precision', 'fp32', '--overwrite']
-    done = subprocess.run(command, capture_output=True, text=True, env=_child_env())
+    done = subprocess.run(command, capture_output=True, text=True, env=single_thread_env())
     if done.returncode != 0:
         raise RuntimeError(f'rave enhance failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}')
 
@@ -145,6 +141,11 @@ def score_photos(photos: Path, out_dir: Path) -> List[dict]:
             for path in sorted(photos.iterdir()) if path.is_file()]
 
 
+def mean_fifths(rows: List[dict]) -> Dict[str, float]:
+    """The brightest- and darkest-fifth changes of :func:`score_photos` rows, averaged over the photos."""
+    return {key: float(np.mean([r[key] for r in rows])) for key in ('bright', 'dark')}
+
+
 def summarise(rows: List[dict]) -> dict:
     psnr_in, psnr_out = np.array([r['psnr_in'] for r in rows]), np.array([r['psnr_out'] for r in rows])
     return {'psnr_in': float(psnr_in.mean()), 'psnr_out': float(psnr_out.mean()),
@@ -162,7 +163,7 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     option_file.write_text(yaml.safe_dump(run_options(base, data_dir, name, factor, seed), sort_keys=False))
     load_before, started = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
-                          cwd=work, capture_output=True, text=True, env=_child_env())
+                          cwd=work, capture_output=True, text=True, env=single_thread_env())
     train_seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
@@ -175,8 +176,7 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     if photos is not None:
         enhance(photos, work / 'enhanced' / name / 'photos', weights)
         result['photos'] = score_photos(photos, work / 'enhanced' / name / 'photos')
-        result['summary']['photos_bright'] = float(np.mean([r['bright'] for r in result['photos']]))
-        result['summary']['photos_dark'] = float(np.mean([r['dark'] for r in result['photos']]))
+        result['summary'].update({f'photos_{key}': value for key, value in mean_fifths(result['photos']).items()})
     return result
 
 
@@ -187,8 +187,7 @@ def released_reference(photos: Path, work: Path) -> Optional[dict]:
         return None
     enhance(photos, work / 'enhanced' / 'released', weights)
     rows = score_photos(photos, work / 'enhanced' / 'released')
-    return {'weights': RELEASED_WEIGHTS, 'photos': rows, 'bright': float(np.mean([r['bright'] for r in rows])),
-            'dark': float(np.mean([r['dark'] for r in rows]))}
+    return {'weights': RELEASED_WEIGHTS, 'photos': rows, **mean_fifths(rows)}
 
 
 def run_key(model: str, factor: int, seed: int) -> str:

@@ -22,9 +22,10 @@ from typing import Callable, Dict, NamedTuple, Tuple
 import cv2
 import numpy as np
 
+from rave_basicsr.archs.image_stats_encoder_arch import LUMA_WEIGHTS
 from rave_basicsr.utils.errors import RaveError
 
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+LUMA = np.array(LUMA_WEIGHTS, np.float32)
 _HAZE_COLOUR = np.array([1.0, 0.97, 0.9], np.float32)
 _CASTS = np.array([[0.85, 0.95, 1.05], [1.08, 0.9, 0.72], [0.92, 1.05, 0.88]], np.float32)
 
