@@ -14,8 +14,6 @@ from tests.shared_data import ReleasedWeights, require_shared_data  # noqa: E402
 
 pytest_plugins = ['pytester']  # tests/test_shared_data.py runs pytest on small test files
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope='session')
 def shared_data() -> Path:

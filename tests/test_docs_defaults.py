@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
+from tests.shared_data import REPO_ROOT
 
 DOCS = REPO_ROOT / 'docs'
 TRAIN_OPTION_FILES = sorted((REPO_ROOT / 'options').glob('train_*.yml'))

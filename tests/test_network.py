@@ -299,7 +299,7 @@ def _write_png(path, array):
 def test_basicsr_test_pipeline_official_options(shared_data, tmp_path, monkeypatch):
     """`basicsr test -opt options/test_official.yml` reproduces the reference outputs."""
     from rave_basicsr.cli.basicsr_cli import main
-    from tests.conftest import REPO_ROOT
+    from tests.shared_data import REPO_ROOT
 
     samples = tmp_path / 'samples'
     samples.mkdir()
@@ -323,7 +323,7 @@ def test_basicsr_test_pipeline_paired_metrics(shared_data, tmp_path, python_exec
     """The paired option file computes PSNR/SSIM (a fresh process, so BasicSR's logger writes its log file).
     With the official outputs as ground truth, PSNR is far above what any other image would reach."""
     import subprocess
-    from tests.conftest import REPO_ROOT
+    from tests.shared_data import REPO_ROOT
 
     lq, gt = tmp_path / 'lq', tmp_path / 'gt'
     lq.mkdir()
