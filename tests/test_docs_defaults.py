@@ -389,8 +389,8 @@ PARENT_SHARED = re.escape('..' + '/') + 'shared'
 OUTSIDE = [re.compile(pattern) for pattern in (PARENT_SHARED, 'shared' + '/docs', 'method' + '-spec', 'spec' + ' §',
                                                 '§' + r'\s?\d', '/' + 'work/')]
 #: the one allowed exception: the tests' shared data folder (project rule: RAVE_SHARED_DATA, whose default is the
-#: data folder of the shared directory beside the repository), named where it is defined and in the README's Tests
-ALLOWED = {'tests/shared_data.py': {PARENT_SHARED}, 'README.md': {PARENT_SHARED}}
+#: data folder of the shared directory beside the repository), named only where it is defined
+ALLOWED = {'tests/shared_data.py': {PARENT_SHARED}}
 
 
 def test_no_file_refers_to_a_path_outside_the_repository():
