@@ -58,6 +58,45 @@ def test_reset_parameters_draws_a_whole_new_network():
     assert abs(network.condx.weight.std().item() - 0.02) < 0.002
 
 
+def test_official_initialisation_saturates_a_veiled_image_and_passes_no_gradient():
+    # why illumination_bias_init exists: L starts at about the bias (≤ 0.06), so an image whose darkest pixel is
+    # brighter than that comes out white with a zero gradient, for every seed
+    veiled = torch.rand(1, 3, 32, 32) * 0.5 + 0.3
+    for seed in range(4):
+        torch.manual_seed(seed)
+        network = BacklitUNet()
+        out = network(veiled)
+        out.sum().backward()
+        assert torch.equal(out, torch.ones_like(out))
+        assert all(p.grad is None or not p.grad.any() for p in network.parameters())
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_illumination_bias_init_starts_every_draw_at_the_identity(seed):
+    veiled = torch.rand(1, 3, 32, 32) * 0.5 + 0.3
+    torch.manual_seed(seed)
+    official = BacklitUNet()
+    torch.manual_seed(seed)
+    network = BacklitUNet(illumination_bias_init=1.0)
+    # only that bias differs: every other parameter is the same draw as the official initialisation
+    changed = [k for k, v in network.state_dict().items() if not torch.equal(v, official.state_dict()[k])]
+    assert changed == ['cond_add1.bias'] and float(network.cond_add1.bias) == 1.0
+    out = network(veiled)
+    assert (out - veiled).abs().max() < 0.05
+    out.sum().backward()
+    assert network.cond_add1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        network.cond_add1.bias.fill_(-5.0)
+    network.reset_parameters()  # the warm-up guard's re-initialisation keeps the option
+    assert float(network.cond_add1.bias) == 1.0
+
+
+@pytest.mark.parametrize('value', [True, 'one', float('nan')])
+def test_illumination_bias_init_rejects_non_numbers(value):
+    with pytest.raises(ValueError, match='illumination_bias_init must be'):
+        BacklitUNet(illumination_bias_init=value)
+
+
 def test_forward_shapes_and_illumination():
     torch.manual_seed(0)
     network = BacklitUNet().eval()

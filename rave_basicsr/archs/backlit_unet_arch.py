@@ -13,6 +13,13 @@ Two options cover the official train/test differences:
   reflect-pad and the PPM fuse convolution always zero-pads, as in the originals.
 - ``division_eps``: the epsilon in ``I / (L + eps)``. The originals use ``1e-9`` in training and ``0`` at test.
 
+One option departs from the originals, off by default: ``illumination_bias_init``. With the official
+initialisation the conv weights are so small (N(0, 0.02)) that ``L`` starts at about the last convolution's bias,
+drawn from ±1/√288 ≈ ±0.06: either 0 everywhere (a dead network) or about 0.03, which saturates every pixel brighter
+than 0.03 to white. The clamp passes no gradient there, so on images without near-black pixels (a bright veil, a
+mild backlight) the warm-up cannot start, whatever the seed. Setting that bias to 1 starts every draw at ``L ≈ 1``,
+the identity mapping the warm-up aims for; the trained weights have the same shapes and load as before.
+
 Division rule (so that no output is ever NaN or Inf, whatever ``eps``): where ``L > 0`` the output is
 ``I / (L + eps)``; where ``L == 0`` it is ``1`` if ``I > 0`` and ``0`` if ``I == 0``. For ``L == 0`` this is what the
 original computes for ``I > 0`` (``I / 0 = inf``, clamped to 1; with ``eps = 1e-9`` any ``I > 1e-9`` saturates too),
@@ -21,7 +28,8 @@ and it replaces the original's ``0 / 0 = NaN`` by black. Gradients stay finite a
 Reflect padding needs at least 2 pixels per side; for a 1-pixel-high or -wide input the reflect-padded
 convolutions fall back to replicate padding (the only sensible limit; the originals raise an error there).
 """
-from typing import Sequence, Tuple
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -133,17 +141,25 @@ class BacklitUNet(nn.Module):
         outer_padding: ``'zeros'`` (official training) or ``'reflect'`` (official inference) for the four outer
             convolutions.
         division_eps: epsilon of ``I / (L + eps)``; ``1e-9`` as in official training, ``0`` as at official test.
+        illumination_bias_init: ``None`` (official: PyTorch's default bias draw) or the value the last convolution's
+            bias starts at, at construction and at every re-initialisation (1: start at the identity mapping).
     """
 
-    def __init__(self, in_channels: int = 3, outer_padding: str = 'zeros', division_eps: float = 1e-9):
+    def __init__(self, in_channels: int = 3, outer_padding: str = 'zeros', division_eps: float = 1e-9,
+                 illumination_bias_init: Optional[float] = None):
         super().__init__()
         if outer_padding not in ('zeros', 'reflect'):
             raise ValueError(f"BacklitUNet: outer_padding must be 'zeros' or 'reflect', got {outer_padding!r}.")
         if not division_eps >= 0:
             raise ValueError(f'BacklitUNet: division_eps must be >= 0, got {division_eps!r}.')
+        if illumination_bias_init is not None and (isinstance(illumination_bias_init, bool) or not isinstance(
+                illumination_bias_init, (int, float)) or not math.isfinite(illumination_bias_init)):
+            raise ValueError('BacklitUNet: illumination_bias_init must be ~ (official initialisation) or a finite '
+                             f'number, got {illumination_bias_init!r}.')
         self.in_channels = in_channels
         self.outer_padding = outer_padding
         self.division_eps = float(division_eps)
+        self.illumination_bias_init = None if illumination_bias_init is None else float(illumination_bias_init)
         self.cond1 = PaddedConv2d(in_channels, 32, 3, 1, 1, bias=True, padding_mode=outer_padding)
         self.ResidualBlock1 = ResidualBlock(32)
         self.ResidualBlock2 = ResidualBlock(32)
@@ -161,10 +177,15 @@ class BacklitUNet(nn.Module):
 
     def _official_conv_init(self) -> None:
         """Official initialisation on top of PyTorch's defaults: conv weights ~ N(0, 0.02) (drawn in the originals'
-        order, so a seed gives the originals' network); biases and PReLU keep PyTorch's defaults."""
+        order, so a seed gives the originals' network); biases and PReLU keep PyTorch's defaults, except
+        ``cond_add1``'s bias when ``illumination_bias_init`` is set (after every draw, so the random stream and
+        thus every other parameter stay the originals')."""
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, 0.0, 0.02)
+        if self.illumination_bias_init is not None:
+            with torch.no_grad():
+                self.cond_add1.bias.fill_(self.illumination_bias_init)
 
     def reset_parameters(self) -> None:
         """A new random network, as the originals' warm-up guard re-creates it: every parameter is drawn again
