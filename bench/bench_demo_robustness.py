@@ -24,7 +24,7 @@ file content are reused, so a sweep can be run in parts (``--fresh`` starts over
 on a possibly shared machine: each run records the 1-minute load average before and after it.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
-        [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh]
+        [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--jobs 2]
 """
 import argparse
 import copy
@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -146,6 +147,20 @@ def mean_fifths(rows: List[dict]) -> Dict[str, float]:
     return {key: float(np.mean([r[key] for r in rows])) for key in ('bright', 'dark')}
 
 
+def ceiling_psnr(data_dir: Path) -> float:
+    """The best mean validation PSNR any network of the ``clamp(I / L)`` form can reach on a set: per pixel, the
+    single-channel ``L`` (of 200 values, log-spaced over [0.05, 4]) nearest the ground truth. A set whose ceiling is
+    close to its input PSNR cannot show a gain, whatever the recipe."""
+    levels = np.exp(np.linspace(np.log(0.05), np.log(4.0), 200))
+    scores = []
+    for gt_path in sorted((data_dir / 'val_gt').iterdir()):
+        inp, gt = load8(data_dir / 'val_backlit' / gt_path.name) / 255, load8(gt_path) / 255
+        errors = np.stack([((np.clip(inp / level, 0, 1) - gt) ** 2).sum(-1) for level in levels])
+        best = levels[errors.argmin(0)][..., None]
+        scores.append(calculate_psnr(np.round(np.clip(inp / best, 0, 1) * 255), gt * 255, 0))
+    return float(np.mean(scores))
+
+
 def summarise(rows: List[dict]) -> dict:
     psnr_in, psnr_out = np.array([r['psnr_in'] for r in rows]), np.array([r['psnr_out'] for r in rows])
     return {'psnr_in': float(psnr_in.mean()), 'psnr_out': float(psnr_out.mean()),
@@ -239,6 +254,10 @@ def markdown(results: dict) -> str:
         lines += ['', f'Real backlit sample photos ({len(r["photos"])}): the released weights ({r["weights"]}) '
                       f'change the brightest fifth by {r["bright"]:+.1f} and the darkest by {r["dark"]:+.1f} grey '
                       'levels on average; the "photos" columns give each run\'s figures on the same photos.']
+    if results.get('ceilings'):
+        lines += ['', 'Ceiling per set (`ceiling_psnr`: the mean PSNR reachable by `clamp(I / L)` with the best '
+                      'single-channel L per pixel): ' + ', '.join(f'{model} {value:.1f} dB' for model, value
+                                                                  in results['ceilings'].items()) + '.']
     lines += ['', '| set | length | seed | iters | train s | PSNR in → out | gain | improved | bright (gt) | '
                   'dark (gt) | photos bright / dark | per-image out PSNR |', '|---' * 12 + '|']
     order = list(BACKLIGHT_MODELS)
@@ -286,6 +305,8 @@ def main() -> None:
     parser.add_argument('--work', default=None, help='work folder (default: under the system temp folder)')
     parser.add_argument('--out', default=str(REPO / 'bench' / 'results'))
     parser.add_argument('--fresh', action='store_true', help='ignore runs already in the results file')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs at once (each trains with one thread; train s then counts a shared machine)')
     args = parser.parse_args()
     if args.quick:
         args.models, args.lengths, args.seeds = ['mild'], [1], [0]
@@ -335,19 +356,23 @@ def main() -> None:
         data_dir = work / 'data' / model
         if not (data_dir / 'val_gt').is_dir():
             make_demo_data(str(data_dir), seed=0, size=args.size, backlight=model, overwrite=True)
-    for seed in args.seeds:
-        for factor in args.lengths:
-            for model in args.models:
-                key = run_key(model, factor, seed)
-                if key in runs:
-                    continue
-                result = train_and_score(base, work / 'data' / model, work, key, factor, seed, photos)
-                runs[key] = {'model': model, 'factor': factor, 'seed': seed, **result}
-                m = result['summary']
-                print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
-                      f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',
-                      flush=True)
-                save()
+        results.setdefault('ceilings', {})[model] = ceiling_psnr(data_dir)
+    todo = [(model, factor, seed) for seed in args.seeds for factor in args.lengths for model in args.models
+            if run_key(model, factor, seed) not in runs]
+    # each run is a child process with one thread: --jobs runs that many at once (results are saved in the main
+    # thread as each finishes, so an interrupted sweep keeps what has finished)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pending = {pool.submit(train_and_score, base, work / 'data' / model, work, run_key(model, factor, seed),
+                               factor, seed, photos): (model, factor, seed) for model, factor, seed in todo}
+        for future in as_completed(pending):
+            model, factor, seed = pending[future]
+            key, result = run_key(model, factor, seed), future.result()
+            runs[key] = {'model': model, 'factor': factor, 'seed': seed, **result}
+            m = result['summary']
+            print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
+                  f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',
+                  flush=True)
+            save()
     save()
     print((out / f'{name}.md').read_text())
 
