@@ -1,5 +1,5 @@
 """`basicsr train` with RAVEModel end to end on the CPU: train/validate/save, exact resume, torchrun, NaN stop,
-`rave enhance` with a training checkpoint, and the offline demo's PSNR gain."""
+`rave enhance` with a training checkpoint, and the offline demo's PSNR gain on its own set and on another."""
 import re
 import subprocess
 import sys
@@ -159,25 +159,36 @@ def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, t
     assert len(list((results / 'visualization' / 'BAID_test').glob('*.png'))) == 2
 
 
-def test_offline_demo_raises_psnr_against_ground_truth(tmp_path):
-    """The demo option file, as shipped (100 warm-up + 100 guided iterations), on `rave demo-data` output."""
-    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data']
+@pytest.mark.parametrize('backlight', ['demo', 'mild'])
+def test_offline_demo_enhances_its_own_set_and_one_it_was_not_tuned_on(tmp_path, backlight):
+    """The demo option file as shipped, on `rave demo-data --backlight NAME`: the demo's own set, and `mild`, made by
+    a backlight model the recipe was not tuned on (the recipe before the identity-start bias and the cone encoder
+    blew `mild` out to white, 15.9 -> 3.3 dB). The robustness benchmark's criteria: mean PSNR gain against the
+    ground truth >= 2 dB, at least 80 % of the images improved (5 of 6)."""
+    import numpy as np
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+    from rave_basicsr.utils.image_io import read_image
+
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data', '--backlight', backlight]
     demo = subprocess.run(command, cwd=tmp_path, capture_output=True, env=single_thread_env(), timeout=120)
     assert demo.returncode == 0
     result = run_basicsr(['train', '-opt', str(REPO / 'options/demo/train_rave_demo.yml'), '--force_yml',
                           'logger:use_tb_logger=false'],
                          cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    log = read_log(tmp_path / 'experiments' / 'RAVE_demo')
-    enhanced = float(re.findall(r'# psnr: (\d+\.\d+)', log)[-1])
-    import numpy as np
-    from basicsr.metrics.psnr_ssim import calculate_psnr
-    from rave_basicsr.utils.image_io import read_image
+    val = tmp_path / 'demo' / 'data'
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(val / 'val_backlit'), '-o', 'out',
+               '--weights', 'experiments/RAVE_demo/models/net_g_latest.pth', '--precision', 'fp32']
+    enhanced = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=single_thread_env(),
+                              timeout=300)
+    assert enhanced.returncode == 0, enhanced.stderr[-3000:]
 
     def load(path):
         return np.round(read_image(str(path)).rgb * 255)
 
-    val = tmp_path / 'demo' / 'data'
-    before = np.mean([calculate_psnr(load(p), load(val / 'val_gt' / p.name), 0)
-                      for p in sorted((val / 'val_backlit').iterdir())])
-    assert enhanced >= before + 3.0, (before, enhanced)
+    gt_paths = sorted((val / 'val_gt').iterdir())
+    before = np.array([calculate_psnr(load(val / 'val_backlit' / p.name), load(p), 0) for p in gt_paths])
+    after = np.array([calculate_psnr(load(tmp_path / 'out' / p.name), load(p), 0) for p in gt_paths])
+    assert len(gt_paths) == 6
+    assert after.mean() - before.mean() >= 2.0, (before, after)
+    assert (after > before).sum() >= 5, (before, after)
