@@ -205,6 +205,11 @@ def released_reference(photos: Path, work: Path) -> Optional[dict]:
     return {'weights': RELEASED_WEIGHTS, 'photos': rows, **mean_fifths(rows)}
 
 
+def default_work(opt_path: Path) -> Path:
+    """The work folder of an option file's sweep (data, experiments, enhanced outputs), under the system temp folder."""
+    return Path(tempfile.gettempdir()) / 'rave_bench_demo_robustness' / Path(opt_path).stem
+
+
 def run_key(model: str, factor: int, seed: int) -> str:
     return f'{model}_x{factor}_s{seed}'
 
@@ -314,7 +319,7 @@ def main() -> None:
     opt_path = Path(args.opt).resolve()
     stem = opt_path.stem
     name = args.name or ('demo_robustness' if opt_path == DEFAULT_OPT.resolve() else f'demo_robustness_{stem}')
-    work = Path(args.work or Path(tempfile.gettempdir()) / 'rave_bench_demo_robustness' / stem).resolve()
+    work = Path(args.work or default_work(opt_path)).resolve()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_option_file(str(opt_path))
@@ -341,22 +346,26 @@ def main() -> None:
     if photos is not None:
         results['released'] = released_reference(photos, work)
 
+    def reported_models() -> List[str]:
+        """The sets of this part of the sweep and of the runs kept from earlier parts (the report covers both)."""
+        return [m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())]
+
     def save() -> None:
         """Write the results; the runs kept from earlier parts of the sweep count in the settings and verdicts."""
         merged = dict(results, settings=dict(results['settings']))
         merged['settings'].update(
-            models=[m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())],
+            models=reported_models(),
             lengths=sorted({*args.lengths, *(r['factor'] for r in runs.values())}),
             seeds=sorted({*args.seeds, *(r['seed'] for r in runs.values())}))
         merged['verdicts'] = verdicts(merged)
         previous.write_text(json.dumps(merged, indent=2))
         (out / f'{name}.md').write_text(markdown(merged))
 
-    for model in args.models:
+    for model in reported_models():
         data_dir = work / 'data' / model
         if not (data_dir / 'val_gt').is_dir():
             make_demo_data(str(data_dir), seed=0, size=args.size, backlight=model, overwrite=True)
-        results.setdefault('ceilings', {})[model] = ceiling_psnr(data_dir)
+    results['ceilings'] = {model: ceiling_psnr(work / 'data' / model) for model in reported_models()}
     todo = [(model, factor, seed) for seed in args.seeds for factor in args.lengths for model in args.models
             if run_key(model, factor, seed) not in runs]
     # each run is a child process with one thread: --jobs runs that many at once (results are saved in the main

@@ -7,7 +7,6 @@ Made from the synthetic demo data only (crops of scikit-image's bundled photos, 
 """
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import rave_basicsr  # noqa: E402,F401
+from bench_demo_robustness import DEFAULT_OPT, default_work  # noqa: E402  (this script's folder is on sys.path)
 from rave_basicsr.utils.image_io import encode_image, read_image, write_image_atomic  # noqa: E402
-
-DEFAULT_WORK = Path(tempfile.gettempdir()) / 'rave_bench_demo_robustness' / 'train_rave_demo'
 
 
 def grid(rows: list, gap: int = 4) -> np.ndarray:
@@ -32,7 +30,8 @@ def grid(rows: list, gap: int = 4) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--work', default=str(DEFAULT_WORK), help='the benchmark\'s work folder')
+    parser.add_argument('--work', default=str(default_work(DEFAULT_OPT)),
+                        help='the benchmark\'s work folder (default: that of the shipped demo file\'s sweep)')
     parser.add_argument('--run', default='demo_x1_s0', help='run key: <set>_x<length>_s<seed>')
     parser.add_argument('--out', default=str(REPO / 'docs' / 'images' / 'rave_demo_grid.png'))
     parser.add_argument('--images', type=int, default=4, help='validation images to show (rows)')
