@@ -13,11 +13,15 @@ the final checkpoint by ``rave enhance`` (fp32, as ``scripts/demo.sh`` does othe
 * the change of the mean luminance (0-255, 0.299 R + 0.587 G + 0.114 B) over each input's brightest and darkest
   fifth of pixels, output minus input; on the synthetic sets the ground truth's own change is the reference (the
   backlight models brighten the background, so the right answer there is a darkening), on the real photos the
-  released RAVE weights' (measured here too: about -3 grey levels).
+  released RAVE weights' (measured here too: about -3 grey levels);
+* for CLIP-LIT and CLIP-LIT-Latent option files, the final pair's mean well-lit probability (the guidance score)
+  of the validation inputs, outputs and ground truths: does the pair separate the sets, does the network raise it.
 
 The robustness criteria, per backlight model and seed, then over seeds: gain >= 2 dB and >= 80 % of the images improved
 at 1×; the gain at every longer length within 1 dB of the 1× gain; the brightest-fifth change within 10 grey levels
-of the ground truth's (synthetic) and of the released weights' (real photos) at 1×; all seeds pass.
+of the ground truth's (synthetic) at 1×; all seeds pass. For the demo's own set (the checkpoint ``scripts/demo.sh``
+ships) also the real photos' brightest-fifth change within 10 grey levels of the released weights'; a network trained
+on another set is held to that set's ground truth, and its photo figures are reported, not judged.
 
 Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same option
 file content are reused, so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
@@ -50,11 +54,12 @@ sys.path.insert(0, str(REPO))
 import rave_basicsr  # noqa: E402,F401
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
 from rave_basicsr.archs.image_stats_encoder_arch import LUMA_WEIGHTS  # noqa: E402
-from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
+from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS, DEFAULT_BACKLIGHT  # noqa: E402
 from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
 from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
 from rave_basicsr.utils.image_io import read_image  # noqa: E402
 from rave_basicsr.utils.options import load_option_file  # noqa: E402
+from tests.clip_lit_helpers import well_lit_probabilities  # noqa: E402
 from tests.pipeline_helpers import single_thread_env  # noqa: E402
 from tests.shared_data import shared_data_dir  # noqa: E402
 
@@ -175,21 +180,25 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     shutil.rmtree(work / 'experiments' / name, ignore_errors=True)
     option_file = work / 'options' / f'{name}.yml'
     option_file.parent.mkdir(parents=True, exist_ok=True)
-    option_file.write_text(yaml.safe_dump(run_options(base, data_dir, name, factor, seed), sort_keys=False))
+    options = run_options(base, data_dir, name, factor, seed)
+    option_file.write_text(yaml.safe_dump(options, sort_keys=False))
     load_before, started = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
                           cwd=work, capture_output=True, text=True, env=single_thread_env())
     train_seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
-    weights = work / 'experiments' / name / 'models' / 'net_g_latest.pth'
-    enhance(data_dir / 'val_backlit', work / 'enhanced' / name / 'val', weights)
-    rows = score_validation(data_dir, work / 'enhanced' / name / 'val')
+    experiment, enhanced = work / 'experiments' / name, work / 'enhanced' / name / 'val'
+    enhance(data_dir / 'val_backlit', enhanced, experiment / 'models' / 'net_g_latest.pth')
+    rows = score_validation(data_dir, enhanced)
     result = {'train_seconds': train_seconds, 'load_average': [load_before, os.getloadavg()[0]],
               'total_iter': int(base['train']['total_iter']) * factor,
               'summary': summarise(rows), 'images': rows}
+    if base.get('model_type') == 'CLIPLITModel':
+        result['well_lit'] = well_lit_probabilities(
+            options, experiment, {'input': data_dir / 'val_backlit', 'output': enhanced, 'gt': data_dir / 'val_gt'})
     if photos is not None:
-        enhance(photos, work / 'enhanced' / name / 'photos', weights)
+        enhance(photos, work / 'enhanced' / name / 'photos', experiment / 'models' / 'net_g_latest.pth')
         result['photos'] = score_photos(photos, work / 'enhanced' / name / 'photos')
         result['summary'].update({f'photos_{key}': value for key, value in mean_fifths(result['photos']).items()})
     return result
@@ -228,7 +237,7 @@ def verdicts(results: dict) -> dict:
             checks = {'gain': s['gain'] >= CRITERIA['min_gain_db'],
                       'improved': s['improved'] >= CRITERIA['min_improved'],
                       'bright_vs_gt': abs(s['bright_out'] - s['bright_gt']) <= CRITERIA['bright_tolerance']}
-            if reference is not None and 'photos_bright' in s:
+            if reference is not None and 'photos_bright' in s and model == DEFAULT_BACKLIGHT:
                 checks['bright_photos'] = abs(s['photos_bright'] - reference['bright']) <= CRITERIA['bright_tolerance']
             for factor in results['settings']['lengths']:
                 longer = runs.get(run_key(model, factor, seed))
@@ -263,25 +272,33 @@ def markdown(results: dict) -> str:
         lines += ['', 'Ceiling per set (`ceiling_psnr`: the mean PSNR reachable by `clamp(I / L)` with the best '
                       'single-channel L per pixel): ' + ', '.join(f'{model} {value:.1f} dB' for model, value
                                                                   in results['ceilings'].items()) + '.']
+    with_pair = all('well_lit' in run for run in runs.values()) and bool(runs)
+    if with_pair:
+        lines += ['', 'well-lit p: the final pair\'s mean probability of the well-lit member (the guidance score) for '
+                      'the validation inputs → outputs, the ground truth in brackets: the pair separates the sets '
+                      'when the ground truth scores above the inputs.']
     lines += ['', '| set | length | seed | iters | train s | PSNR in → out | gain | improved | bright (gt) | '
-                  'dark (gt) | photos bright / dark | per-image out PSNR |', '|---' * 12 + '|']
+                  'dark (gt) | photos bright / dark |' + (' well-lit p |' if with_pair else '') +
+              ' per-image out PSNR |', '|---' * (13 if with_pair else 12) + '|']
     order = list(BACKLIGHT_MODELS)
     for run in sorted(runs.values(), key=lambda r: (order.index(r['model']), r['factor'], r['seed'])):
         m = run['summary']
         photos = f'{m["photos_bright"]:+.1f} / {m["photos_dark"]:+.1f}' if 'photos_bright' in m else '—'
+        well_lit = '' if not with_pair else ' {input:.2f} → {output:.2f} ({gt:.2f}) |'.format(**run['well_lit'])
         per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
         load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
         lines.append(f'| {run["model"]} | {run["factor"]}× | {run["seed"]} | {run["total_iter"]} | '
                      f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
                      f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | '
                      f'{m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
-                     f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} | {per_image} |')
+                     f'{m["dark_out"]:+.1f} ({m["dark_gt"]:+.1f}) | {photos} |{well_lit} {per_image} |')
     c = CRITERIA
     lines += ['', f'Criteria, per set and seed: gain ≥ {c["min_gain_db"]} dB and ≥ '
                   f'{100 * c["min_improved"]:.0f} % improved at 1×; every longer length\'s gain within '
                   f'{c["max_drift_db"]} dB of 1×; brightest-fifth change within {c["bright_tolerance"]:.0f} grey '
-                  'levels of the ground truth\'s (synthetic) and of the released weights\' (photos) at 1×; then all '
-                  'seeds pass. A criterion is listed only when its runs were made.', '',
+                  'levels of the ground truth\'s (synthetic) at 1×, and for the demo\'s own set (the checkpoint '
+                  '`scripts/demo.sh` ships) of the released weights\' on the photos; then all seeds pass. A criterion '
+                  'is listed only when its runs were made.', '',
               '| set | seed | checks (✓ pass, ✗ fail) | pass |', '|---|---|---|---|']
     for model, verdict in results['verdicts'].items():
         for seed, entry in verdict['seeds'].items():

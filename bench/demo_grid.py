@@ -4,6 +4,8 @@ run (``bench/bench_demo_robustness.py`` keeps its outputs in its work folder).
 Made from the synthetic demo data only (crops of scikit-image's bundled photos, which the project may redistribute).
 
     python bench/demo_grid.py --run demo_x1_s0 --out docs/images/rave_demo_grid.png
+    python bench/demo_grid.py --opt options/demo/train_clip_lit_latent_demo.yml \
+        --out docs/images/clip_lit_latent_demo_grid.png
 """
 import argparse
 import sys
@@ -30,13 +32,14 @@ def grid(rows: list, gap: int = 4) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--work', default=str(default_work(DEFAULT_OPT)),
-                        help='the benchmark\'s work folder (default: that of the shipped demo file\'s sweep)')
+    parser.add_argument('--opt', default=str(DEFAULT_OPT), help='the demo option file whose sweep made the run')
+    parser.add_argument('--work', default=None,
+                        help='the benchmark\'s work folder (default: that of the --opt file\'s sweep)')
     parser.add_argument('--run', default='demo_x1_s0', help='run key: <set>_x<length>_s<seed>')
     parser.add_argument('--out', default=str(REPO / 'docs' / 'images' / 'rave_demo_grid.png'))
     parser.add_argument('--images', type=int, default=4, help='validation images to show (rows)')
     args = parser.parse_args()
-    work, model = Path(args.work), args.run.split('_x')[0]
+    work, model = Path(args.work or default_work(Path(args.opt))), args.run.split('_x')[0]
     enhanced, data = work / 'enhanced' / args.run / 'val', work / 'data' / model
     if not enhanced.is_dir():
         raise SystemExit(f'{enhanced} does not exist: run bench/bench_demo_robustness.py for {args.run} first.')

@@ -1,6 +1,15 @@
-"""CLIP-LIT option dicts for the model and end-to-end tests (tiny encoders, small images, CPU)."""
+"""CLIP-LIT option dicts for the model and end-to-end tests (tiny encoders, small images, CPU), and a trained
+pair's judgement of image folders."""
 import copy
+from pathlib import Path
+from typing import Dict
 
+import torch
+
+import rave_basicsr  # noqa: F401  (the torchvision shim and registration must precede any basicsr import)
+from basicsr.models import build_model  # noqa: E402
+from rave_basicsr.losses.clip_guidance_loss import member_probabilities
+from rave_basicsr.utils.image_io import read_image
 from tests.rave_helpers import STATS_GUIDANCE, TINY_IDENTITY, model_options, rave_options  # noqa: F401
 
 TINY_VIT = {'type': 'open_clip', 'model': 'rave-test-tiny-vit', 'pretrained': None, 'precision': 'fp32',
@@ -34,3 +43,25 @@ def clip_lit_options(name: str, data: dict, guidance: str = 'latent', total_iter
     train['guidance_opt'] = {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0}
     train['ranking_opt'] = {'type': 'PromptRankingLoss', 'loss_weight': 200.0}
     return options
+
+
+def well_lit_probabilities(options: dict, experiment: Path, folders: Dict[str, Path]) -> Dict[str, float]:
+    """A CLIP-LIT / CLIP-LIT-Latent run's final pair judging images: per folder, the mean probability of the
+    well-lit member (``softmax(100 · cos)``, the model's guidance score). Built as ``basicsr test`` builds the
+    model, from the run's options and its saved ``net_g_latest.pth`` and ``guidance_latest.pth``."""
+    models = experiment / 'models'
+    opt = copy.deepcopy(options)
+    opt.pop('train')
+    opt['path'].update(pretrain_network_g=str(models / 'net_g_latest.pth'),
+                       pretrain_network_guidance=str(models / 'guidance_latest.pth'))
+    model = build_model(model_options(opt, experiment / 'well_lit_probabilities', is_train=False))
+    model.guidance_direction()  # loads the saved pair
+    encoder = model.encoder('guidance_encoder')
+    probabilities = {}
+    with torch.no_grad():
+        pair = model.guidance_pair()
+        for label, folder in folders.items():
+            images = torch.stack([torch.from_numpy(read_image(str(path)).rgb).permute(2, 0, 1)
+                                  for path in sorted(folder.iterdir())]).to(model.device)
+            probabilities[label] = float(member_probabilities(encoder.encode_image(images), pair)[:, 1].mean())
+    return probabilities

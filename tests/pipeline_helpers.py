@@ -77,6 +77,35 @@ def run_basicsr(args, cwd: Path, env: Optional[dict] = None, timeout: int = 400)
                           env=single_thread_env() if env is None else env, timeout=timeout)
 
 
+def train_shipped_demo(option_file: str, experiment: str, cwd: Path, backlight: str = 'demo') -> dict:
+    """As a user runs a demo: ``rave demo-data demo/data --backlight NAME``, ``basicsr train`` on the shipped
+    ``option_file`` (under ``options/demo``) unchanged, then ``rave enhance`` (fp32) of the validation images with
+    the final checkpoint. Returns the per-image PSNR (8-bit RGB, against the ground truth) of the inputs and
+    outputs as arrays, under ``before`` and ``after``."""
+    from basicsr.metrics.psnr_ssim import calculate_psnr
+    from rave_basicsr.utils.image_io import read_image
+
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data', '--backlight', backlight]
+    demo = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=single_thread_env(), timeout=120)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    options = Path(__file__).resolve().parents[1] / 'options' / 'demo' / option_file
+    result = run_basicsr(['train', '-opt', str(options), '--force_yml', 'logger:use_tb_logger=false'], cwd=cwd,
+                         timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    val = cwd / 'demo' / 'data'
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(val / 'val_backlit'), '-o', 'out',
+               '--weights', f'experiments/{experiment}/models/net_g_latest.pth', '--precision', 'fp32']
+    enhanced = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=single_thread_env(), timeout=300)
+    assert enhanced.returncode == 0, enhanced.stderr[-3000:]
+
+    def load(path: Path) -> np.ndarray:
+        return np.round(read_image(str(path)).rgb * 255)
+
+    gt_paths = sorted((val / 'val_gt').iterdir())
+    return {'before': np.array([calculate_psnr(load(val / 'val_backlit' / p.name), load(p), 0) for p in gt_paths]),
+            'after': np.array([calculate_psnr(load(cwd / 'out' / p.name), load(p), 0) for p in gt_paths])}
+
+
 def read_log(experiment: Path) -> str:
     """All training logs of an experiment folder, oldest first (a resumed run writes a second one)."""
     return '\n'.join(path.read_text() for path in sorted(experiment.glob('train_*.log')))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, single_thread_env,
-                                    train_interrupted_and_reference, write_options)
+                                    train_interrupted_and_reference, train_shipped_demo, write_options)
 from tests.rave_helpers import demo_data, rave_options
 
 pytestmark = pytest.mark.slow
@@ -165,30 +165,8 @@ def test_offline_demo_enhances_its_own_set_and_one_it_was_not_tuned_on(tmp_path,
     a backlight model the recipe was not tuned on (the recipe before the identity-start bias and the cone encoder
     blew `mild` out to white, 15.9 -> 3.3 dB). The robustness benchmark's criteria: mean PSNR gain against the
     ground truth >= 2 dB, at least 80 % of the images improved (5 of 6)."""
-    import numpy as np
-    from basicsr.metrics.psnr_ssim import calculate_psnr
-    from rave_basicsr.utils.image_io import read_image
-
-    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data', '--backlight', backlight]
-    demo = subprocess.run(command, cwd=tmp_path, capture_output=True, env=single_thread_env(), timeout=120)
-    assert demo.returncode == 0
-    result = run_basicsr(['train', '-opt', str(REPO / 'options/demo/train_rave_demo.yml'), '--force_yml',
-                          'logger:use_tb_logger=false'],
-                         cwd=tmp_path, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    val = tmp_path / 'demo' / 'data'
-    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(val / 'val_backlit'), '-o', 'out',
-               '--weights', 'experiments/RAVE_demo/models/net_g_latest.pth', '--precision', 'fp32']
-    enhanced = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=single_thread_env(),
-                              timeout=300)
-    assert enhanced.returncode == 0, enhanced.stderr[-3000:]
-
-    def load(path):
-        return np.round(read_image(str(path)).rgb * 255)
-
-    gt_paths = sorted((val / 'val_gt').iterdir())
-    before = np.array([calculate_psnr(load(val / 'val_backlit' / p.name), load(p), 0) for p in gt_paths])
-    after = np.array([calculate_psnr(load(tmp_path / 'out' / p.name), load(p), 0) for p in gt_paths])
-    assert len(gt_paths) == 6
+    psnr = train_shipped_demo('train_rave_demo.yml', 'RAVE_demo', tmp_path, backlight)
+    before, after = psnr['before'], psnr['after']
+    assert len(before) == 6
     assert after.mean() - before.mean() >= 2.0, (before, after)
     assert (after > before).sum() >= 5, (before, after)
