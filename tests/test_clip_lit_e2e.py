@@ -1,14 +1,19 @@
 """`basicsr train` with CLIPLITModel from YAML on the CPU: both guidance types through every stage and two rounds,
-and a run interrupted in the middle of a prompt-refinement stage that resumes to identical weights."""
+a run interrupted in the middle of a prompt-refinement stage that resumes to identical weights, the shipped
+CLIP-LIT-Latent demo enhancing the demo set and the CLIP-LIT demo's prompts separating its two sets."""
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.clip_lit_helpers import clip_lit_options
-from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, subprocess_env,
-                                    train_interrupted_and_reference, write_options)
+from rave_basicsr.utils.options import load_option_file
+from tests.clip_lit_helpers import clip_lit_options, well_lit_probabilities
+from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, single_thread_env,
+                                    subprocess_env, train_interrupted_and_reference, train_shipped_demo,
+                                    write_options)
 from tests.rave_helpers import demo_data
 
 pytestmark = pytest.mark.slow
@@ -90,3 +95,35 @@ def test_two_process_cpu_torchrun_keeps_ranks_identical(data, tmp_path):
         torch.testing.assert_close(rank0['net'][key], saved['net'][key], rtol=0, atol=0)
     log = read_log(tmp_path / 'experiments' / options['name'])
     assert 'world_size: 2' in log and re.search(r'Iteration 11: stage "prompt" ended', log)
+
+
+def test_offline_latent_demo_enhances_the_demo_set(tmp_path):
+    """The CLIP-LIT-Latent demo option file as shipped, on `rave demo-data`: mean PSNR gain against the ground truth
+    >= 2 dB with at least 5 of 6 images improved (the robustness benchmark's criteria). The recipe before the
+    600-iteration latent initialisation, the identity start and guidance 0.5 : identity 200 took the same images
+    from 8.82 to 6.67 dB."""
+    psnr = train_shipped_demo('train_clip_lit_latent_demo.yml', 'CLIP_LIT_Latent_demo', tmp_path)
+    before, after = psnr['before'], psnr['after']
+    assert len(before) == 6
+    assert after.mean() - before.mean() >= 2.0, (before, after)
+    assert (after > before).sum() >= 5, (before, after)
+
+
+def test_offline_clip_lit_demo_prompts_separate_backlit_from_well_lit(tmp_path):
+    """The CLIP-LIT demo's prompt initialisation as shipped (through the tiny random CLIP, on `rave demo-data`): the
+    learned pair scores the validation ground truths as well-lit and the backlit inputs as backlit (measured at seed
+    0: 0.74 against 0.04). This is what a random text tower can show; the outputs stay at the input (docs/clip_lit.md)."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data']
+    assert subprocess.run(command, cwd=tmp_path, capture_output=True, env=single_thread_env(),
+                          timeout=120).returncode == 0
+    option_file = REPO / 'options' / 'demo' / 'train_clip_lit_demo.yml'
+    options = load_option_file(str(option_file))
+    init = options['train']['prompt_init']['iters']
+    result = run_basicsr(['train', '-opt', str(option_file), '--force_yml', 'logger:use_tb_logger=false',
+                          f'train:total_iter={init}'], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'Iteration {init}: stage "prompt_init" ended' in read_log(tmp_path / 'experiments' / options['name'])
+    val = tmp_path / 'demo' / 'data'
+    scores = well_lit_probabilities(options, tmp_path / 'experiments' / options['name'],
+                                    {'input': val / 'val_backlit', 'gt': val / 'val_gt'})
+    assert scores['input'] <= 0.2 and scores['gt'] - scores['input'] >= 0.5, scores

@@ -254,9 +254,12 @@ def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
     text = (OPTIONS / 'demo' / name).read_text().replace('demo/data', data['outdir'])
     opt = load_yaml_text(text, name)
     train = opt['train']
-    lengths = [train['prompt_init']['iters'], train['warmup']['iters']] + \
-        [train['network']['iters'] + train['prompt']['iters']] * train['num_rounds']
-    assert sum(lengths) == train['total_iter']  # the schedule ends exactly at total_iter
+    prefix = train['prompt_init']['iters'] + train['warmup']['iters']
+    round_length = train['network']['iters'] + train['prompt']['iters']
+    if train['num_rounds'] is None:  # rounds until total_iter: it ends with a whole round (a longer run adds rounds)
+        assert (train['total_iter'] - prefix) % round_length == 0 and train['total_iter'] > prefix
+    else:  # the schedule ends exactly at total_iter
+        assert prefix + round_length * train['num_rounds'] == train['total_iter']
     opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
     model = build(json.loads(json.dumps(opt)), tmp_path)
     assert model.guidance_type == opt['guidance'] and model.schedule.name == 'prompt_init'
