@@ -189,7 +189,8 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
     if done.returncode != 0:
         raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
     experiment, enhanced = work / 'experiments' / name, work / 'enhanced' / name / 'val'
-    enhance(data_dir / 'val_backlit', enhanced, experiment / 'models' / 'net_g_latest.pth')
+    weights = experiment / 'models' / 'net_g_latest.pth'
+    enhance(data_dir / 'val_backlit', enhanced, weights)
     rows = score_validation(data_dir, enhanced)
     result = {'train_seconds': train_seconds, 'load_average': [load_before, os.getloadavg()[0]],
               'total_iter': int(base['train']['total_iter']) * factor,
@@ -198,7 +199,7 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
         result['well_lit'] = well_lit_probabilities(
             options, experiment, {'input': data_dir / 'val_backlit', 'output': enhanced, 'gt': data_dir / 'val_gt'})
     if photos is not None:
-        enhance(photos, work / 'enhanced' / name / 'photos', experiment / 'models' / 'net_g_latest.pth')
+        enhance(photos, work / 'enhanced' / name / 'photos', weights)
         result['photos'] = score_photos(photos, work / 'enhanced' / name / 'photos')
         result['summary'].update({f'photos_{key}': value for key, value in mean_fifths(result['photos']).items()})
     return result

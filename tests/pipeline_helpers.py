@@ -77,6 +77,14 @@ def run_basicsr(args, cwd: Path, env: Optional[dict] = None, timeout: int = 400)
                           env=single_thread_env() if env is None else env, timeout=timeout)
 
 
+def write_demo_data(cwd: Path, backlight: str = 'demo') -> Path:
+    """``rave demo-data demo/data --backlight NAME`` in ``cwd``, as a user writes a demo's data; returns the folder."""
+    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data', '--backlight', backlight]
+    demo = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=single_thread_env(), timeout=120)
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    return cwd / 'demo' / 'data'
+
+
 def train_shipped_demo(option_file: str, experiment: str, cwd: Path, backlight: str = 'demo') -> dict:
     """As a user runs a demo: ``rave demo-data demo/data --backlight NAME``, ``basicsr train`` on the shipped
     ``option_file`` (under ``options/demo``) unchanged, then ``rave enhance`` (fp32) of the validation images with
@@ -85,14 +93,11 @@ def train_shipped_demo(option_file: str, experiment: str, cwd: Path, backlight: 
     from basicsr.metrics.psnr_ssim import calculate_psnr
     from rave_basicsr.utils.image_io import read_image
 
-    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data', '--backlight', backlight]
-    demo = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=single_thread_env(), timeout=120)
-    assert demo.returncode == 0, demo.stderr[-3000:]
+    val = write_demo_data(cwd, backlight)
     options = Path(__file__).resolve().parents[1] / 'options' / 'demo' / option_file
     result = run_basicsr(['train', '-opt', str(options), '--force_yml', 'logger:use_tb_logger=false'], cwd=cwd,
                          timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    val = cwd / 'demo' / 'data'
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(val / 'val_backlit'), '-o', 'out',
                '--weights', f'experiments/{experiment}/models/net_g_latest.pth', '--precision', 'fp32']
     enhanced = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=single_thread_env(), timeout=300)

@@ -2,8 +2,6 @@
 a run interrupted in the middle of a prompt-refinement stage that resumes to identical weights, the shipped
 CLIP-LIT-Latent demo enhancing the demo set and the CLIP-LIT demo's prompts separating its two sets."""
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +9,8 @@ import torch
 
 from rave_basicsr.utils.options import load_option_file
 from tests.clip_lit_helpers import clip_lit_options, well_lit_probabilities
-from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, single_thread_env,
-                                    subprocess_env, train_interrupted_and_reference, train_shipped_demo,
+from tests.pipeline_helpers import (read_log, run_basicsr, run_two_process_torchrun, subprocess_env,
+                                    train_interrupted_and_reference, train_shipped_demo, write_demo_data,
                                     write_options)
 from tests.rave_helpers import demo_data
 
@@ -113,9 +111,7 @@ def test_offline_clip_lit_demo_prompts_separate_backlit_from_well_lit(tmp_path):
     """The CLIP-LIT demo's prompt initialisation as shipped (through the tiny random CLIP, on `rave demo-data`): the
     learned pair scores the validation ground truths as well-lit and the backlit inputs as backlit (measured at seed
     0: 0.74 against 0.04). This is what a random text tower can show; the outputs stay at the input (docs/clip_lit.md)."""
-    command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'demo-data', 'demo/data']
-    assert subprocess.run(command, cwd=tmp_path, capture_output=True, env=single_thread_env(),
-                          timeout=120).returncode == 0
+    val = write_demo_data(tmp_path)
     option_file = REPO / 'options' / 'demo' / 'train_clip_lit_demo.yml'
     options = load_option_file(str(option_file))
     init = options['train']['prompt_init']['iters']
@@ -123,7 +119,6 @@ def test_offline_clip_lit_demo_prompts_separate_backlit_from_well_lit(tmp_path):
                           f'train:total_iter={init}'], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Iteration {init}: stage "prompt_init" ended' in read_log(tmp_path / 'experiments' / options['name'])
-    val = tmp_path / 'demo' / 'data'
     scores = well_lit_probabilities(options, tmp_path / 'experiments' / options['name'],
                                     {'input': val / 'val_backlit', 'gt': val / 'val_gt'})
     assert scores['input'] <= 0.2 and scores['gt'] - scores['input'] >= 0.5, scores
