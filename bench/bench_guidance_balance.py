@@ -62,6 +62,7 @@ def encoders():
 
 
 def load_images(folder: Path) -> torch.Tensor:
+    """The folder's PNGs as one float ``[N, 3, H, W]`` batch in [0, 1]."""
     images = [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in sorted(folder.glob('*.png'))]
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
