@@ -21,8 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,6 +33,7 @@ from rave_basicsr.guidance.frozen_encoder import FrozenImageEncoder  # noqa: E40
 from rave_basicsr.losses.clip_guidance_loss import ResidualVectorLoss  # noqa: E402
 from rave_basicsr.residual.compute import compute_residual  # noqa: E402
 from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
+from rave_basicsr.utils.image_io import read_image  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -63,8 +62,8 @@ def encoders():
 
 def load_images(folder: Path) -> torch.Tensor:
     """The folder's PNGs as one float ``[N, 3, H, W]`` batch in [0, 1]."""
-    images = [cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB) for path in sorted(folder.glob('*.png'))]
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
+    images = [torch.from_numpy(read_image(str(path)).rgb).permute(2, 0, 1) for path in sorted(folder.glob('*.png'))]
+    return torch.stack(images).float()
 
 
 def fifth_gradients(encoder: nn.Module, data: Path) -> dict:
