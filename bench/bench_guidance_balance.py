@@ -2,14 +2,15 @@
 
 The network outputs ``clamp(I / L, 0, 1)``, so a pixel's output moves by ``-I / L²`` per unit of ``L``: at the same
 relative change of brightness, a bright pixel pulls on ``L`` (and on the shared network weights) far harder than a
-dark one. This script measures that balance for the demo's guidance encoder: at the identity start (``L = 1``) the
+dark one. This script measures that balance for the demos' guidance encoders: at the identity start (``L = 1``) the
 gradient of RAVE's loss with respect to ``L`` on every training image of each synthetic backlit set
 (``rave demo-data --backlight NAME``), averaged over each image's darkest and brightest fifth of pixels (luminance).
 A positive gradient lowers ``L`` (brightens), a negative one raises it (darkens).
 
-Encoders: ``ImageStatsEncoder`` centred and in its cone form (the demo's), and, as a probe of the cause, the cone
-form measuring statistics of a log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image (``a`` = 16, 64),
-where a relative brightness change counts the same at every level.
+Encoders: ``ImageStatsEncoder`` centred and in its cone form (the CLIP-LIT-Latent demo's, and the RAVE demo's
+before), the cone form measuring statistics of a log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image
+(``a`` = 16, 64; a probe), and ``LogHistogramEncoder`` (the RAVE demo's), where a relative brightness change counts the
+same at every level.
 
 Usage: python bench/bench_guidance_balance.py [--models demo mild ...] [--size 128]
 Writes bench/results/guidance_balance.json and guidance_balance.md.
@@ -27,6 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rave_basicsr.archs.image_stats_encoder_arch import LUMA_WEIGHTS, ImageStatsEncoder  # noqa: E402
+from rave_basicsr.archs.log_histogram_encoder_arch import LogHistogramEncoder  # noqa: E402
 from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
 from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
 from rave_basicsr.guidance.frozen_encoder import FrozenImageEncoder  # noqa: E402
@@ -54,9 +56,10 @@ def encoders():
     """The measured encoders by name."""
     return {
         'centred': ImageStatsEncoder(),
-        'cone (demo)': ImageStatsEncoder(cone=True),
+        'cone (Latent demo)': ImageStatsEncoder(cone=True),
         'cone, log tone a=16': ToneMapped(ImageStatsEncoder(cone=True), 16),
         'cone, log tone a=64': ToneMapped(ImageStatsEncoder(cone=True), 64),
+        'log histogram (RAVE demo)': LogHistogramEncoder(),
     }
 
 

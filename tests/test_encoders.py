@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rave_basicsr.archs.image_stats_encoder_arch import ImageStatsEncoder
+from rave_basicsr.archs.log_histogram_encoder_arch import LogHistogramEncoder
 from rave_basicsr.guidance import open_clip_encoder
 from rave_basicsr.guidance.encoders import build_image_encoder
 from rave_basicsr.guidance.frozen_encoder import check_embedding_size, require_text_tower
@@ -354,3 +355,46 @@ def test_image_stats_residual_pushes_backlit_towards_welllit():
     loss.backward()
     assert cos_before < threshold
     assert image.grad[..., 10:, :].mean() < 0  # descending the loss raises the dark subject's values
+
+
+# ---------------------------------------------------------------- log-luminance histogram encoder
+def test_log_histogram_encoder_layout():
+    """levels at log2 -4, -3, -2, -1 (1/16 .. 1/2): a grey of 0.3 (log2 -1.74) lies above the first three, below
+    the last; the anchor is constant."""
+    net = LogHistogramEncoder(levels=4, log2_range=(-4, -1), softness=0.01, anchor=3.0, epsilon=1e-6)
+    emb = net(torch.full((2, 3, 8, 8), 0.3))
+    assert emb.shape == (2, 5) and net.embed_dim == 5
+    assert torch.allclose(emb[0], torch.tensor([0.0, 0.0, 0.0, 1.0, 3.0]), atol=1e-4)
+    half = torch.full((1, 3, 8, 8), 0.3)
+    half[..., :4, :] = 0.01  # half the pixels below every level
+    assert torch.allclose(net(half)[0, :4], torch.tensor([0.5, 0.5, 0.5, 1.0]), atol=1e-4)
+
+
+@pytest.mark.parametrize('option, value, message', [
+    ('levels', 1, 'option "levels" must be an integer >= 2, got 1'),
+    ('log2_range', (0, -7), r'option "log2_range" must be \[low, high\] with low < high'),
+    ('softness', 0, 'option "softness" must be positive, got 0'),
+    ('anchor', -1.0, 'option "anchor" must be positive'),
+])
+def test_log_histogram_encoder_rejects_bad_options(option, value, message):
+    with pytest.raises(RaveError, match=message):
+        LogHistogramEncoder(**{option: value})
+    with pytest.raises(RaveError, match=r'expects \[B, 3, H, W\] images, got shape \[3, 8, 8\]'):
+        LogHistogramEncoder()(torch.rand(3, 8, 8))
+
+
+def test_log_histogram_encoder_pulls_dark_and_bright_pixels_alike():
+    """Through the network's output I / L, a change of log L moves every pixel's log-luminance alike, so a dark and a
+    bright pixel, each sitting on a level, get the same gradient per unit of log L; the linear statistics of the
+    ImageStatsEncoder weigh them by their brightness."""
+    levels = LogHistogramEncoder(levels=8, log2_range=(-7, 0), softness=0.3, epsilon=1e-9)
+    dark, bright = 2.0 ** -7, 1.0  # the first and the last level
+    image = torch.tensor([dark, bright]).view(1, 1, 1, 2).expand(1, 3, 1, 2)
+    log_illumination = torch.zeros(1, 1, 1, 2, requires_grad=True)
+    levels(image * torch.exp(-log_illumination)).sum().backward()
+    grad = log_illumination.grad.flatten()
+    assert torch.allclose(grad[0], grad[1], rtol=1e-3) and grad[0] > 0
+    log_illumination.grad = None
+    ImageStatsEncoder(grid_size=1, histogram_levels=8)(image * torch.exp(-log_illumination)).sum().backward()
+    grad = log_illumination.grad.flatten().abs()
+    assert grad[1] > 20 * grad[0]

@@ -35,7 +35,7 @@ def test_reimport_and_submodule_first_do_not_raise():
 
 #: every name the plugin registers, per BasicSR registry (the names option files use)
 PLUGIN_NAMES = {
-    'arch': {'BacklitUNet', 'ImageStatsEncoder'},
+    'arch': {'BacklitUNet', 'ImageStatsEncoder', 'LogHistogramEncoder'},
     'model': {'RAVEModel', 'CLIPLITModel'},
     'loss': {'CLIPIdentityLoss', 'PromptGuidanceLoss', 'PromptInitLoss', 'PromptRankingLoss', 'ResidualVectorLoss'},
     'dataset': {'UnpairedBacklitDataset', 'LabelledBacklitDataset', 'PairedBacklitDataset'},
