@@ -7,10 +7,9 @@ gradient of RAVE's loss with respect to ``L`` on every training image of each sy
 (``rave demo-data --backlight NAME``), averaged over each image's darkest and brightest fifth of pixels (luminance).
 A positive gradient lowers ``L`` (brightens), a negative one raises it (darkens).
 
-Encoders: ``ImageStatsEncoder`` centred and in its cone form (the CLIP-LIT-Latent demo's, and the RAVE demo's
-before), the cone form measuring statistics of a log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image
-(``a`` = 16, 64; a probe), and ``LogHistogramEncoder`` (the RAVE demo's), where a relative brightness change counts the
-same at every level.
+Encoders: ``ImageStatsEncoder`` centred and in its cone form (the demos'), the cone form measuring statistics of a
+log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image (``a`` = 16, 64; a probe), and ``LogHistogramEncoder``
+(tried for the RAVE demo), where a relative brightness change counts the same at every level.
 
 Usage: python bench/bench_guidance_balance.py [--models demo mild ...] [--size 128]
 Writes bench/results/guidance_balance.json and guidance_balance.md.
@@ -56,10 +55,10 @@ def encoders():
     """The measured encoders by name."""
     return {
         'centred': ImageStatsEncoder(),
-        'cone (Latent demo)': ImageStatsEncoder(cone=True),
+        'cone (demo)': ImageStatsEncoder(cone=True),
         'cone, log tone a=16': ToneMapped(ImageStatsEncoder(cone=True), 16),
         'cone, log tone a=64': ToneMapped(ImageStatsEncoder(cone=True), 64),
-        'log histogram (RAVE demo)': LogHistogramEncoder(),
+        'log histogram': LogHistogramEncoder(),
     }
 
 

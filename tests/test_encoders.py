@@ -398,3 +398,16 @@ def test_log_histogram_encoder_pulls_dark_and_bright_pixels_alike():
     ImageStatsEncoder(grid_size=1, histogram_levels=8)(image * torch.exp(-log_illumination)).sum().backward()
     grad = log_illumination.grad.flatten().abs()
     assert grad[1] > 20 * grad[0]
+
+
+def test_log_histogram_encoder_computes_in_float32_under_autocast():
+    """Mixed-precision training hands it bf16 images inside autocast: the histogram is still computed in float32
+    (a luminance taken by a convolution or a matmul would run in bf16 under autocast, and bf16 log-luminance moves
+    pixels between levels)."""
+    net = LogHistogramEncoder()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    reference = net(images.bfloat16().float())
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mixed = net(images.bfloat16())
+    assert mixed.dtype == torch.float32
+    assert torch.allclose(mixed, reference, atol=1e-6)
