@@ -8,8 +8,8 @@ gradient of RAVE's loss with respect to ``L`` on every training image of each sy
 A positive gradient lowers ``L`` (brightens), a negative one raises it (darkens).
 
 Encoders: ``ImageStatsEncoder`` centred and in its cone form (the demos'), the cone form measuring statistics of a
-log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image (``a`` = 16, 64; a probe), and ``LogHistogramEncoder``
-(tried for the RAVE demo), where a relative brightness change counts the same at every level.
+log-like tone curve ``log(1 + a·x) / log(1 + a)`` of the image (``a`` = 16, 64; a probe) and ``LogHistogramEncoder``
+(tried for the RAVE demo): on both, a relative brightness change counts the same at every level.
 
 Usage: python bench/bench_guidance_balance.py [--models demo mild ...] [--size 128]
 Writes bench/results/guidance_balance.json and guidance_balance.md.

@@ -146,7 +146,7 @@ def test_encoder_spec_that_does_not_exist(sets, tmp_path, capsys):
     assert main(base + ['--encoder', 'openclip:ViT-B-32']) == 2
     assert "did you mean 'open_clip'" in capsys.readouterr().err
     assert main(base + ['--encoder', 'arch:ImageStatEncoder']) == 2
-    assert "Close matches: ['ImageStatsEncoder'" in capsys.readouterr().err  # the best match first
+    assert "Close matches: ['ImageStatsEncoder', 'LogHistogramEncoder']" in capsys.readouterr().err
     assert main(base + ['--encoder', str(tmp_path / 'missing.yml')]) == 2
     assert f'--encoder {tmp_path / "missing.yml"}: option file not found' in capsys.readouterr().err
     assert main(base + ['--encoder', 'timm:resnet1888']) == 2

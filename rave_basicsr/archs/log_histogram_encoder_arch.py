@@ -1,4 +1,5 @@
-"""A CLIP-free guidance encoder for the offline demos: the soft cumulative histogram of log-luminance.
+"""A CLIP-free guidance encoder: the soft cumulative histogram of log-luminance (tried for the offline RAVE demo,
+not shipped in it: docs/training.md).
 
 The network outputs ``clamp(I / L)``, so one step on the illumination map moves ``log(output)`` by the same amount
 for a dark pixel as for a bright one, while it moves the output's linear value in proportion to the pixel's own
