@@ -134,9 +134,10 @@ def train_interrupted_and_reference(option_file: Path, root: Path, stop_at: int)
 
 TORCHRUN_DRIVER = textwrap.dedent('''
     """Run `basicsr train` under torchrun and dump this rank's final network (and residual, guidance pair and
-    feature bank), the process group's backend, plus every tensor collective the run made and those whose tensors
-    were not on the model's device (which nccl would reject on GPUs). ``reduce`` behaves as nccl's: only the destination's tensor changes
-    (gloo's leaves the full sum on the other ranks too, which hides code that reads a reduced value on them)."""
+    feature bank), the process group's backend, whether the run closed its process group, plus every tensor
+    collective the run made and those whose tensors were not on the model's device (which nccl would reject on
+    GPUs). ``reduce`` behaves as nccl's: only the destination's tensor changes (gloo's leaves the full sum on the
+    other ranks too, which hides code that reads a reduced value on them)."""
     import functools, os, sys
     import torch
     import torch.distributed as dist
@@ -144,7 +145,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     import basicsr.train
     from rave_basicsr.cli import basicsr_cli
 
-    models, collectives, misplaced = [], [], []
+    models, collectives, misplaced, backends = [], [], [], []
     original_build_model = basicsr.train.build_model
 
     def checking(name, function, device):
@@ -168,6 +169,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
 
     def capturing_build_model(opt):
         device = torch.device('cuda' if opt['num_gpu'] != 0 else 'cpu')
+        backends.append(dist.get_backend())
         dist.reduce = reduce_as_nccl(dist.reduce)
         for name in ('all_reduce', 'broadcast', 'reduce', 'all_gather', 'all_gather_into_tensor', 'reduce_scatter'):
             setattr(dist, name, checking(name, getattr(dist, name), device))
@@ -178,7 +180,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     code = basicsr_cli.main(sys.argv[1:])
     model = models[0]
     dump = {'net': model.get_bare_model(model.net_g).state_dict(), 'collectives': collectives,
-            'misplaced': misplaced, 'backend': dist.get_backend()}
+            'misplaced': misplaced, 'backend': backends[0], 'closed': not dist.is_initialized()}
     if getattr(model, 'residual', None) is not None:
         dump.update(residual=model.residual.cpu(), threshold=model.threshold)
     if getattr(model, 'pair_param', None) is not None:
@@ -199,7 +201,8 @@ def run_torchrun(option_file: Path, cwd: Path, env: dict, nproc: int = 2, timeou
                  extra_args: tuple = ()) -> tuple:
     """`basicsr train --launcher pytorch` (plus ``extra_args``) in ``nproc`` processes on a free port (CPU or one
     GPU each, as the option file says); returns the ranks' dumps (see TORCHRUN_DRIVER, tensors on the CPU) after
-    checking that every tensor collective had its tensors on the model's device."""
+    checking that every tensor collective had its tensors on the model's device and that every rank closed its
+    process group at the end (a rank that tears down a live one can abort after a finished run)."""
     import torch
 
     port = free_port()
@@ -212,6 +215,7 @@ def run_torchrun(option_file: Path, cwd: Path, env: dict, nproc: int = 2, timeou
     dumps = tuple(torch.load(cwd / f'rank{rank}.pt', map_location='cpu') for rank in range(nproc))
     for dump in dumps:
         assert dump['collectives'] and dump['misplaced'] == [], dump['misplaced']
+        assert dump['closed'], 'a rank ended its run with the process group still initialised'
     return dumps
 
 

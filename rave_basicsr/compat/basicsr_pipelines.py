@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from rave_basicsr.utils.checkpoint import save_basicsr_network, torch_load_safe, torch_save_atomic
-from rave_basicsr.utils.distributed import init_distributed, wrap_for_device
+from rave_basicsr.utils.distributed import end_distributed_run, init_distributed, wrap_for_device
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import (OptionError, apply_overrides, build_argument_parser, check_registered_types,
                                         load_option_file, settle_empty_options)
@@ -202,7 +202,8 @@ def patch_basicsr_pipelines() -> None:
 
 def run_basicsr_pipeline(command: str, argv: List[str]) -> None:
     """Run BasicSR's ``train`` or ``test`` pipeline with ``argv`` as its command line, rooted at the current
-    directory, with every installed plugin loaded and the patches above applied."""
+    directory, with every installed plugin loaded and the patches above applied; a distributed run that finishes
+    is closed on every rank (:func:`end_distributed_run`)."""
     from rave_basicsr.utils.plugins import load_plugins
 
     build_argument_parser(is_train=command == 'train', prog=f'basicsr {command}').parse_args(argv)  # --help, errors
@@ -214,3 +215,4 @@ def run_basicsr_pipeline(command: str, argv: List[str]) -> None:
     sys.argv = [f'basicsr {command}'] + list(argv)
     pipeline = basicsr.train.train_pipeline if command == 'train' else basicsr.test.test_pipeline
     pipeline(os.getcwd())
+    end_distributed_run()

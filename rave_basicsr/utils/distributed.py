@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -123,17 +123,27 @@ def exit_now(message: str, code: int) -> None:
     os._exit(code)
 
 
+class _FailureWatch(NamedTuple):
+    thread: threading.Thread
+    stop: threading.Event
+
+
+#: this process's failure watch (:func:`watch_for_failures`), stopped by :func:`end_distributed_run`
+_watch: Optional[_FailureWatch] = None
+
+
 def watch_for_failures(poll_seconds: float = FAILURE_POLL_SECONDS) -> Optional[threading.Thread]:
     """Start the daemon thread that ends this rank when another rank announces a failure (see the module
     docstring). A store that stops answering ends the watch, not the rank: the run may simply be over."""
+    global _watch
     store = _default_store()
     if store is None:
         return None
     rank = dist.get_rank()
+    stop = threading.Event()
 
     def watch() -> None:
-        while True:
-            time.sleep(poll_seconds)
+        while not stop.wait(poll_seconds):
             try:
                 if not store.check([FAILURE_KEY]):
                     continue
@@ -144,7 +154,26 @@ def watch_for_failures(poll_seconds: float = FAILURE_POLL_SECONDS) -> Optional[t
 
     thread = threading.Thread(target=watch, name='rave-failure-watch', daemon=True)
     thread.start()
+    _watch = _FailureWatch(thread, stop)
     return thread
+
+
+def end_distributed_run() -> None:
+    """Close a distributed run that finished normally (no-op otherwise): wait until every rank is done (rank 0 may
+    still be saving or validating), stop the failure watch, and destroy the process group.
+
+    Without this, each rank tore the interpreter down with its process group alive and the watch thread possibly
+    inside a store call, and a rank could abort there ("terminate called without an active exception") after a
+    finished run, which the launcher then reports as failed."""
+    global _watch
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()  # a failure announced meanwhile still ends this rank through the watch
+    if _watch is not None:
+        _watch.stop.set()
+        _watch.thread.join(timeout=5 * FAILURE_POLL_SECONDS)
+        _watch = None
+    dist.destroy_process_group()
 
 
 def announce_failure(message: str) -> None:
