@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from typing import NamedTuple, Optional
 
 import torch
