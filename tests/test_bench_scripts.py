@@ -38,3 +38,20 @@ def test_every_benchmark_script_starts():
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.strip().endswith('all started'), result.stdout[-3000:]
+
+
+def test_candidate_recipes_kept_for_the_benchmark_load_and_build_their_guidance():
+    """bench/options holds recipes tried through bench_demo_robustness and not shipped; they must stay runnable."""
+    import torch
+
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    from rave_basicsr.utils.options import load_option_file
+
+    candidates = sorted((REPO_ROOT / 'bench' / 'options').glob('*.yml'))
+    assert candidates
+    for path in candidates:
+        opt = load_option_file(str(path))
+        assert opt['model_type'] == 'RAVEModel' and opt['datasets']['train']['dataroot_backlit'].startswith('demo/')
+        encoder = build_image_encoder(opt['guidance_encoder'], role='guidance')
+        embeds = encoder.encode_image(torch.rand(2, 3, 32, 32))
+        assert embeds.shape[0] == 2 and torch.isfinite(embeds).all(), path.name

@@ -370,11 +370,28 @@ def test_log_histogram_encoder_layout():
     assert torch.allclose(net(half)[0, :4], torch.tensor([0.5, 0.5, 0.5, 1.0]), atol=1e-4)
 
 
+def test_log_histogram_encoder_highlight_coordinate():
+    """With highlight_weight > 0 one more coordinate: the weight times the fraction of pixels above
+    highlight_level in linear luminance; the histogram and the anchor are unchanged."""
+    plain = LogHistogramEncoder(levels=4, log2_range=(-4, -1))
+    net = LogHistogramEncoder(levels=4, log2_range=(-4, -1), highlight_weight=2.0, highlight_level=0.9,
+                              highlight_softness=0.001)
+    image = torch.full((1, 3, 8, 8), 0.3)
+    image[..., :2, :] = 1.0  # a quarter of the pixels blown out
+    emb = net(image)
+    assert emb.shape == (1, 6) and net.embed_dim == 6 and plain.embed_dim == 5
+    assert torch.allclose(emb[:, :5], plain(image))
+    assert torch.allclose(emb[0, 5], torch.tensor(2.0 * 0.25), atol=1e-4)
+
+
 @pytest.mark.parametrize('option, value, message', [
     ('levels', 1, 'option "levels" must be an integer >= 2, got 1'),
     ('log2_range', (0, -7), r'option "log2_range" must be \[low, high\] with low < high'),
     ('softness', 0, 'option "softness" must be positive, got 0'),
     ('anchor', -1.0, 'option "anchor" must be positive'),
+    ('highlight_weight', -1, r'option "highlight_weight" must be >= 0 \(0 leaves the highlight coordinate out\)'),
+    ('highlight_level', 1.0, r'option "highlight_level" \(linear luminance\) must lie in \(0, 1\), got 1.0'),
+    ('highlight_softness', 0, 'option "highlight_softness" must be positive'),
 ])
 def test_log_histogram_encoder_rejects_bad_options(option, value, message):
     with pytest.raises(RaveError, match=message):
