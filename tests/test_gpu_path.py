@@ -275,11 +275,15 @@ def test_a_finished_run_stops_the_failure_watch_and_destroys_the_process_group()
     """After a normal end every rank leaves with no live process group and no watch thread inside a store call
     (a rank that tore those down at interpreter exit could abort a finished run)."""
     dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{free_port()}', rank=0, world_size=1)
-    thread = distributed.watch_for_failures(poll_seconds=0.05)
-    assert thread is not None and thread.is_alive()
-    distributed.end_distributed_run()
-    assert not thread.is_alive() and not dist.is_initialized()
-    distributed.end_distributed_run()  # outside a distributed run: nothing to do
+    try:
+        thread = distributed.watch_for_failures(poll_seconds=0.05)
+        assert thread is not None and thread.is_alive()
+        distributed.end_distributed_run()
+        assert not thread.is_alive() and not dist.is_initialized()
+        distributed.end_distributed_run()  # outside a distributed run: nothing to do
+    finally:  # a failed assertion must not leave the group to the tests that follow
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------------ 7. CUDA RNG states

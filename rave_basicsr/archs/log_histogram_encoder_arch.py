@@ -68,7 +68,7 @@ class LogHistogramEncoder(nn.Module):
         self.highlight_weight = float(highlight_weight)
         self.highlight_level = float(highlight_level)
         self.highlight_softness = float(highlight_softness)
-        self.embed_dim = levels + 1 + (self.highlight_weight > 0)
+        self.embed_dim = levels + 1 + int(self.highlight_weight > 0)
         thresholds = torch.linspace(float(log2_range[0]), float(log2_range[1]), levels)
         self.register_buffer('thresholds', thresholds.view(1, levels, 1), persistent=False)
         self.register_buffer('luma', torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1), persistent=False)
