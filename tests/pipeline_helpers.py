@@ -182,7 +182,7 @@ TORCHRUN_DRIVER = textwrap.dedent('''
     dump = {'net': model.get_bare_model(model.net_g).state_dict(), 'collectives': collectives,
             'misplaced': misplaced, 'backend': backends[0], 'closed': not dist.is_initialized()}
     if getattr(model, 'residual', None) is not None:
-        dump.update(residual=model.residual.cpu(), threshold=model.threshold)
+        dump.update(residual=model.residual.cpu(), threshold=model.threshold, mean_distance=model.mean_distance)
     if getattr(model, 'pair_param', None) is not None:
         dump.update(pair=model.pair_param.detach().cpu(), bank=dict(model.bank.rounds))
     torch.save(dump, f'rank{os.environ["RANK"]}.pt')

@@ -15,7 +15,8 @@ from rave_basicsr.guidance.preprocess import parse_preprocess, preprocess_images
 from rave_basicsr.inference.enhancer import Enhancer
 from rave_basicsr.inference.tiling import tiled_forward
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
-                                                    PromptRankingLoss, ResidualVectorLoss)
+                                                    PromptRankingLoss, ResidualTranslationLoss,
+                                                    ResidualVectorLoss)
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import to_tensor
 from rave_basicsr.residual.compute import compute_residual, residual_from_embeddings
@@ -44,7 +45,8 @@ def test_losses():
     with default_device_meta():
         values = [CLIPIdentityLoss()(features, [f.flip(0) for f in features]), PromptGuidanceLoss()(embeds, pair),
                   PromptInitLoss()(embeds, pair, labels), PromptRankingLoss()(pair, embeds, other, other, embeds),
-                  ResidualVectorLoss()(embeds, pair[0], 0.1), ResidualVectorLoss()(embeds, pair[0], threshold)]
+                  ResidualVectorLoss()(embeds, pair[0], 0.1), ResidualVectorLoss()(embeds, pair[0], threshold),
+                  ResidualTranslationLoss()(embeds, other, pair[0], threshold)]
     assert all(value.device.type == 'cpu' and torch.isfinite(value) for value in values)
 
 
@@ -123,7 +125,7 @@ def test_nan_check_rank_means_and_residual_broadcast(data, tmp_path, single_proc
         with default_device_meta():
             assert model.all_ranks_mean(loss) == 1.5
             model.check_finite(loss, model.optimizers[0], 1, model.schedule.current)
-            residual, threshold, _ = model.prepare_residual()
+            residual, threshold, _, _ = model.prepare_residual()
     finally:
         dist.all_reduce, dist.broadcast = original_all_reduce, original_broadcast
     assert residual.device.type == 'cpu' and abs(threshold - model.threshold) < 1e-6

@@ -27,7 +27,8 @@ from rave_basicsr.inference.enhance import enhance_files
 from rave_basicsr.inference.enhancer import Enhancer
 from rave_basicsr.inference.precision import resolve_precision
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
-                                                    PromptRankingLoss, ResidualVectorLoss)
+                                                    PromptRankingLoss, ResidualTranslationLoss,
+                                                    ResidualVectorLoss)
 from rave_basicsr.models import backlit_base_model, training_state
 from rave_basicsr.utils import distributed, hardware
 from rave_basicsr.utils.errors import RaveError
@@ -124,6 +125,7 @@ def _loss_cases():
         ('prompt init', PromptInitLoss(), (embeds, pair, torch.tensor([0, 1, 0, 1, 0, 1]))),
         ('ranking', PromptRankingLoss(), (pair, embeds, randn(6, 64), randn(6, 64), randn(6, 64))),
         ('residual', ResidualVectorLoss(), (embeds, randn(64), 0.05)),
+        ('residual translation', ResidualTranslationLoss(), (embeds, randn(6, 64), randn(64), 0.2)),
     ]
 
 

@@ -8,7 +8,8 @@ from basicsr.losses import build_loss
 
 from rave_basicsr.guidance.encoders import build_image_encoder
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
-                                                    PromptRankingLoss, ResidualVectorLoss)
+                                                    PromptRankingLoss, ResidualTranslationLoss,
+                                                    ResidualVectorLoss)
 from rave_basicsr.utils.errors import RaveError
 
 
@@ -127,9 +128,29 @@ def test_residual_loss_hand_computation():
         ResidualVectorLoss()(torch.tensor(E), torch.zeros(4), thr)
 
 
+def test_translation_loss_hand_computation():
+    residual, step = [0.3, -0.2, 0.9], 0.25
+    inputs = [[0.2, 0.5, 0.1], [1.0, 0.0, 0.3], [0.4, 0.4, 0.4]]
+    r = unit(residual)
+    expected = sum(sum((a - (b + step * c)) ** 2 for a, b, c in zip(unit(e), unit(x), r))
+                   for e, x in zip(E, inputs)) / 3
+    loss = ResidualTranslationLoss(loss_weight=50)(torch.tensor(E), torch.tensor(inputs), torch.tensor(residual), step)
+    assert loss.item() == pytest.approx(50 * expected, rel=1e-5)
+    # embeddings count by direction only, and an output left at its input costs nothing when the step is 0
+    scaled = ResidualTranslationLoss(loss_weight=50)(3 * torch.tensor(E), torch.tensor(inputs), torch.tensor(residual),
+                                                      step)
+    assert scaled.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert ResidualTranslationLoss()(torch.tensor(inputs), torch.tensor(inputs), torch.tensor(residual), 0.0) < 1e-12
+    with pytest.raises(RaveError, match=r'ResidualTranslationLoss: image embeddings \[3, 3\], input embeddings '
+                                        r'\[2, 3\] and residual \[3\] must be'):
+        ResidualTranslationLoss()(torch.tensor(E), torch.tensor(inputs[:2]), torch.tensor(residual), step)
+
+
 def test_losses_build_from_options():
     loss = build_loss({'type': 'ResidualVectorLoss', 'loss_weight': 1920.0})
     assert isinstance(loss, ResidualVectorLoss) and loss.loss_weight == 1920.0
+    loss = build_loss({'type': 'ResidualTranslationLoss', 'loss_weight': 50.0})
+    assert isinstance(loss, ResidualTranslationLoss) and loss.loss_weight == 50.0
     with pytest.raises(RaveError, match="""PromptGuidanceLoss: option "loss_weight" must be a number, got 'high'"""):
         build_loss({'type': 'PromptGuidanceLoss', 'loss_weight': 'high'})
 

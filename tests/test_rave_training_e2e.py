@@ -42,9 +42,11 @@ def final_weights(root: Path, name: str, label: str = '8') -> dict:
     return torch.load(root / 'experiments' / name / 'models' / f'net_g_{label}.pth', weights_only=True)['params']
 
 
-def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path):
+@pytest.mark.parametrize('guidance_loss', ['ResidualVectorLoss', 'ResidualTranslationLoss'])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(data, tmp_path, guidance_loss):
     # checkpoints every 4 iterations = every 2 epochs; the warm-up (3 iterations) ends inside the first part
     options = rave_options('resume', data, total_iter=8, warmup_iters=3, save_freq=4, crop=32)
+    options['train']['guidance_opt'] = {'type': guidance_loss, 'loss_weight': 50.0}
     options['datasets']['train']['augment'] = 'official'  # random crops, flips, zoom and rotation: RNG matters
     options['train']['optim_g']['lr'] = 1e-3
     opt = write_options(tmp_path / 'resume.yml', options)
@@ -96,10 +98,13 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(data, tmp_pa
 def test_two_process_cpu_torchrun(data, tmp_path):
     options = rave_options('ddp', data, total_iter=4, warmup_iters=2, save_freq=4, crop=32, batch=1)
     options['datasets']['train']['augment'] = 'official'
+    # the translation loss needs the residual's mean distance on every rank (the other torchrun test: RAVE's loss)
+    options['train']['guidance_opt'] = {'type': 'ResidualTranslationLoss', 'loss_weight': 50.0}
     opt = write_options(tmp_path / 'ddp.yml', options)
     rank0, rank1 = run_two_process_torchrun(opt, tmp_path, single_thread_env())
     torch.testing.assert_close(rank0['residual'], rank1['residual'], rtol=0, atol=0)
     assert rank0['threshold'] == rank1['threshold']
+    assert rank0['mean_distance'] == rank1['mean_distance'] > 0
     saved = torch.load(tmp_path / 'experiments/ddp/models/net_g_4.pth', weights_only=True)['params']
     for key in saved:
         torch.testing.assert_close(rank0['net'][key], rank1['net'][key], rtol=0, atol=0)

@@ -191,6 +191,7 @@ def test_compute_matches_encoding_each_image(tiny_vit, image_sets):
     residual = _unit(means['well_lit'] - means['backlit'])
     np.testing.assert_allclose(vector.residual.numpy(), residual, atol=1e-5)
     assert vector.threshold == pytest.approx(float(means['well_lit'] @ residual), abs=1e-5)
+    assert vector.mean_distance == pytest.approx(float(np.linalg.norm(means['well_lit'] - means['backlit'])), abs=1e-5)
     assert vector.counts == {'well_lit': 5, 'backlit': 4}
     assert vector.encoder_identity == tiny_vit.identity
     assert vector.preprocess == cfg.to_dict()

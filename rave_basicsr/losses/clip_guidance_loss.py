@@ -245,3 +245,35 @@ class ResidualVectorLoss(nn.Module):
         cosine = F.normalize(image_embeds.float(), dim=-1) @ F.normalize(residual.float(), dim=0)
         threshold = torch.as_tensor(threshold, dtype=cosine.dtype, device=cosine.device)
         return self.loss_weight * _reduce((cosine - threshold).pow(2), self.reduction)
+
+
+@LOSS_REGISTRY.register()
+class ResidualTranslationLoss(nn.Module):
+    """``reduce_b |n(e_b) - (n(x_b) + step · v_residual)|²``: each output's normalised embedding ``n(e_b)`` is pulled
+    to its input's ``n(x_b)`` moved along the residual by ``step`` (official: no such loss; mean over the batch).
+
+    Not in the RAVE code. RAVE's loss fixes one number per image, the cosine with the residual, and leaves the rest
+    of the embedding free; with CLIP that number carries the meaning, but with a CLIP-free statistics encoder (the
+    offline demos) many images share it, and the loss is met by changes the ground truth does not make. This loss
+    fixes every coordinate, from where the image starts: with ``step`` the distance of the two set means
+    (``ResidualVector.mean_distance``) and an undebiased residual, ``step · v_residual`` is ``v_well_lit -
+    v_backlit``, so each image is moved by the average backlit-to-well-lit change. docs/training.md, "The
+    translation loss", has the measurements."""
+
+    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean') -> None:
+        super().__init__()
+        self.loss_weight = _check_weight(loss_weight, 'ResidualTranslationLoss')
+        self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'ResidualTranslationLoss')
+
+    @float32_loss
+    def forward(self, image_embeds: torch.Tensor, input_embeds: torch.Tensor, residual: torch.Tensor,
+                step: Union[float, torch.Tensor]) -> torch.Tensor:
+        if (residual.dim() != 1 or image_embeds.dim() != 2 or image_embeds.shape != input_embeds.shape
+                or image_embeds.shape[1] != residual.shape[0]):
+            raise RaveError(f'ResidualTranslationLoss: image embeddings {list(image_embeds.shape)}, input embeddings '
+                            f'{list(input_embeds.shape)} and residual {list(residual.shape)} must be [B, D], [B, D] '
+                            'and [D] of one encoder.')
+        step = torch.as_tensor(step, dtype=torch.float32, device=residual.device)
+        target = F.normalize(input_embeds.float(), dim=-1) + step * F.normalize(residual.float(), dim=0)
+        distance = (F.normalize(image_embeds.float(), dim=-1) - target).pow(2).sum(-1)
+        return self.loss_weight * _reduce(distance, self.reduction)

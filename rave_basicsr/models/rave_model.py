@@ -16,7 +16,8 @@ residual:
   shifted: ~              # {remove_top: 15, remove_bottom: 15}: the originals' shifted residual (toolkit's
                           # debias_residual; also concepts: [...], vocab, limit); needs a text tower
 train:
-  guidance_opt: {type: ResidualVectorLoss, loss_weight: !!float 1920}
+  guidance_opt: {type: ResidualVectorLoss, loss_weight: !!float 1920}   # or ResidualTranslationLoss (the
+                          # offline demo's per-image target, not in the RAVE code; losses/clip_guidance_loss.py)
   identity_opt: {type: CLIPIdentityLoss, loss_weight: 22.5, layer_weights: [1, 1, 1, 1, 0.5]}
   guided: {block_iters: 2100, extend_by: 60, extend_threshold: 90}   # blocks = rounds; block_iters: ~ = one stage
 ```
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from basicsr.losses import build_loss
 from basicsr.utils.registry import MODEL_REGISTRY
 
+from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.stages import StageSchedule, StageSpec
 from rave_basicsr.utils.errors import RaveError
@@ -56,25 +58,26 @@ class RAVEModel(BacklitBaseModel):
         if not resuming:
             self.set_residual(*self.prepare_residual())
 
-    def prepare_residual(self) -> Tuple[torch.Tensor, float, dict]:
-        """Load or compute the residual (rank 0), broadcast it, and return (residual, threshold, info)."""
+    def prepare_residual(self) -> Tuple[torch.Tensor, float, float, dict]:
+        """Load or compute the residual (rank 0), broadcast it, and return (residual, threshold, mean distance,
+        info)."""
         encoder = self.encoder('guidance_encoder')
         if self.opt['rank'] == 0:
             vector = self.residual_vector(encoder)
-            residual, threshold = vector.residual.float(), float(vector.threshold)
+            residual, threshold, distance = vector.residual.float(), float(vector.threshold), vector.mean_distance
             info = {'encoder_identity': dict(vector.encoder_identity), 'counts': dict(vector.counts),
                     'history': list(vector.history)}
-            self.logger.info(f'Residual vector: {residual.numel()} dims, threshold {threshold:.4f}, from '
-                             f'{info["counts"]} images.')
+            self.logger.info(f'Residual vector: {residual.numel()} dims, threshold {threshold:.4f}, mean distance '
+                             f'{distance:.4f}, from {info["counts"]} images.')
         else:
-            residual, threshold, info = torch.zeros(encoder.embed_dim, device=self.device), 0.0, {}
+            residual, threshold, distance, info = torch.zeros(encoder.embed_dim, device=self.device), 0.0, 0.0, {}
         if self.opt['dist']:
-            packed = torch.cat([residual.to(self.device), torch.tensor([threshold], device=self.device)])
+            packed = torch.cat([residual.to(self.device), torch.tensor([threshold, distance], device=self.device)])
             dist.broadcast(packed, 0)
-            residual, threshold = packed[:-1].cpu(), float(packed[-1])
+            residual, threshold, distance = packed[:-2].cpu(), float(packed[-2]), float(packed[-1])
             if self.opt['rank'] != 0:
                 info = {'encoder_identity': dict(encoder.identity), 'counts': {}, 'history': ['broadcast from rank 0']}
-        return residual, threshold, info
+        return residual, threshold, distance, info
 
     def residual_vector(self, encoder):
         """The configured residual: loaded (``residual:path``, encoder checked) or computed from the image sets."""
@@ -118,26 +121,28 @@ class RAVEModel(BacklitBaseModel):
                             'result as residual:path.') from None
         return debias.debias_residual(vector, encoder, **dict({'progress': False}, **options))
 
-    def set_residual(self, residual: torch.Tensor, threshold: float, info: dict) -> None:
+    def set_residual(self, residual: torch.Tensor, threshold: float, mean_distance: Optional[float],
+                     info: dict) -> None:
         self.residual = residual.float().to(self.device)
         self.threshold = float(threshold)
+        self.mean_distance = None if mean_distance is None else float(mean_distance)
         self.residual_info = info
 
     def guidance_state_dict(self) -> dict:
         return {'residual': self.residual.detach().cpu(), 'threshold': self.threshold,
-                'info': dict(self.residual_info or {})}
+                'mean_distance': self.mean_distance, 'info': dict(self.residual_info or {})}
 
     def load_guidance_state_dict(self, state: dict) -> None:
         identity = (state.get('info') or {}).get('encoder_identity')
         if identity is not None and identity != self.encoder('guidance_encoder').identity:
             raise RaveError('the training state\'s residual was computed with another guidance encoder than '
                             'option guidance_encoder describes; resume with the original encoder options.')
-        self.set_residual(state['residual'], state['threshold'], state.get('info') or {})
+        self.set_residual(state['residual'], state['threshold'], state.get('mean_distance'), state.get('info') or {})
 
     def guidance_direction(self) -> Optional[torch.Tensor]:
         if getattr(self, 'residual', None) is None and not self.is_train and (self.opt.get('residual') or {}).get('path'):
             vector = self.residual_vector(self.encoder('guidance_encoder'))
-            self.set_residual(vector.residual, vector.threshold, {})
+            self.set_residual(vector.residual, vector.threshold, vector.mean_distance, {})
         return getattr(self, 'residual', None)
 
     # ---- stages and losses
@@ -154,8 +159,18 @@ class RAVEModel(BacklitBaseModel):
         if stage.name != 'guided':
             return super().stage_loss(stage)
         self.output = self.net_g(self.lq)
-        l_rave = self.cri_guidance(self.encoder('guidance_encoder').encode_image(self.output), self.residual,
-                                   self.threshold)
+        encoder = self.encoder('guidance_encoder')
+        if isinstance(self.cri_guidance, ResidualTranslationLoss):
+            if self.mean_distance is None:
+                raise RaveError('train:guidance_opt ResidualTranslationLoss needs the residual\'s mean distance, '
+                                'which this training state (written before the loss existed) lacks; start a new '
+                                'run or use ResidualVectorLoss.')
+            with torch.no_grad():
+                input_embeds = encoder.encode_image(self.lq)
+            l_rave = self.cri_guidance(encoder.encode_image(self.output), input_embeds, self.residual,
+                                       self.mean_distance)
+        else:
+            l_rave = self.cri_guidance(encoder.encode_image(self.output), self.residual, self.threshold)
         with torch.no_grad():
             target = self.identity_features(self.lq)
         l_id = self.cri_identity(self.identity_features(self.output), target)

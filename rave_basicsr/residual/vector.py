@@ -63,6 +63,13 @@ class ResidualVector:
         """Embedding size D."""
         return int(self.residual.numel())
 
+    @property
+    def mean_distance(self) -> float:
+        """``|v_well_lit - v_backlit|``: the residual's length before normalisation, i.e. how far apart the two sets'
+        mean embeddings lie (the step :class:`~rave_basicsr.losses.clip_guidance_loss.ResidualTranslationLoss`
+        moves each image by)."""
+        return float((self.well_lit_mean.double() - self.backlit_mean.double()).norm())
+
     # ------------------------------------------------------------------ saving
     def _tensors(self) -> Dict[str, torch.Tensor]:
         tensors = {k: getattr(self, k).detach().to('cpu', torch.float32).contiguous() for k in _VECTOR_KEYS}
