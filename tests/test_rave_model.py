@@ -66,6 +66,29 @@ def test_warmup_length_zero_trains_guided_from_the_start(data, tmp_path):
     assert 'guided/l_rave' in model.get_current_log()
 
 
+def test_translation_loss_moves_each_input_by_the_residual_and_needs_the_mean_distance(data, tmp_path):
+    options = rave_options('translate', data, warmup_iters=0, crop=32)
+    options['train']['guidance_opt'] = {'type': 'ResidualTranslationLoss', 'loss_weight': 50.0}
+    model = build(options, tmp_path)
+    encoder = model.encoder('guidance_encoder')
+    vector = compute_residual(encoder, data['outdir'] + '/train_welllit', data['outdir'] + '/train_backlit',
+                              batch_size=4, progress=False)
+    assert model.mean_distance == pytest.approx(float((vector.well_lit_mean - vector.backlit_mean).norm()), abs=1e-6)
+    model.feed_data(train_batch(options))
+    loss, parts = model.stage_loss(model.schedule.current)
+    with torch.no_grad():
+        unit = torch.nn.functional.normalize
+        target = unit(encoder.encode_image(model.lq), dim=-1) + model.mean_distance * vector.residual
+        by_hand = 50.0 * (unit(encoder.encode_image(model.output), dim=-1) - target).pow(2).sum(1).mean()
+    assert float(parts['l_rave']) == pytest.approx(float(by_hand), rel=1e-5)
+    state = model.guidance_state_dict()
+    assert state['mean_distance'] == model.mean_distance
+    del state['mean_distance']  # a training state written before the loss existed
+    model.load_guidance_state_dict(state)
+    with pytest.raises(RaveError, match='ResidualTranslationLoss needs the residual\'s mean distance'):
+        model.stage_loss(model.schedule.current)
+
+
 def test_guided_loss_decreases_on_fixed_data(data, tmp_path):
     options = rave_options('decrease', data, warmup_iters=30, crop=32)
     options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)
