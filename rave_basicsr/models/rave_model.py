@@ -160,6 +160,7 @@ class RAVEModel(BacklitBaseModel):
             return super().stage_loss(stage)
         self.output = self.net_g(self.lq)
         encoder = self.encoder('guidance_encoder')
+        embeds = encoder.encode_image(self.output)
         if isinstance(self.cri_guidance, ResidualTranslationLoss):
             if self.mean_distance is None:
                 raise RaveError('train:guidance_opt ResidualTranslationLoss needs the residual\'s mean distance, '
@@ -167,10 +168,9 @@ class RAVEModel(BacklitBaseModel):
                                 'run or use ResidualVectorLoss.')
             with torch.no_grad():
                 input_embeds = encoder.encode_image(self.lq)
-            l_rave = self.cri_guidance(encoder.encode_image(self.output), input_embeds, self.residual,
-                                       self.mean_distance)
+            l_rave = self.cri_guidance(embeds, input_embeds, self.residual, self.mean_distance)
         else:
-            l_rave = self.cri_guidance(encoder.encode_image(self.output), self.residual, self.threshold)
+            l_rave = self.cri_guidance(embeds, self.residual, self.threshold)
         with torch.no_grad():
             target = self.identity_features(self.lq)
         l_id = self.cri_identity(self.identity_features(self.output), target)
