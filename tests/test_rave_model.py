@@ -146,6 +146,27 @@ def test_warmup_guard_revives_a_dead_network(data, tmp_path):
     assert -bound <= float(net.cond_add1.bias) <= bound
 
 
+def test_reinitialisation_restarts_the_ema_copy(data, tmp_path):
+    """With ``ema_decay`` the averaged network must follow the re-initialised one, not keep the dead one's weights
+    (validation and ``rave enhance`` use the EMA copy)."""
+    options = rave_options('revive_ema', data, warmup_iters=50, crop=32)
+    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
+    options['train']['ema_decay'] = 0.999
+    model = build(options, tmp_path)
+    net = model.get_bare_model(model.net_g)
+    with torch.no_grad():
+        net.cond_add1.bias.fill_(-1.0)
+    model.model_ema(0)  # the EMA copy starts dead too
+    batch = train_batch(options)
+    for it in (1, 2):
+        model.feed_data(batch)
+        model.optimize_parameters(it)
+    assert model.warmup_guard.count >= 1
+    ema = dict(model.net_g_ema.named_parameters())
+    for name, value in net.named_parameters():
+        assert torch.allclose(ema[name], value), name  # the restart copies; decay 0.999 would leave ~the dead weights
+
+
 def test_learning_rate_schedule_goes_on_after_a_reinitialisation(data, tmp_path):
     """The re-initialised network gets a fresh optimiser; the configured scheduler must drive that one (it used
     to keep stepping the discarded optimiser, so the schedule silently stopped)."""

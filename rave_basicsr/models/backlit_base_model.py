@@ -367,7 +367,7 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
 
     def reinitialise_network(self) -> None:
         """Draw every parameter of the network again (rank 0's on every rank), with a fresh optimiser that the
-        learning-rate schedulers follow, and lengthen the warm-up. A network without its own
+        learning-rate schedulers follow and a restarted EMA copy, and lengthen the warm-up. A network without its own
         ``reset_parameters`` (any BasicSR arch) gets each layer's PyTorch default initialisation."""
         net = self.get_bare_model(self.net_g)
         layers = [net] if hasattr(net, 'reset_parameters') else [m for m in net.modules() if
@@ -380,6 +380,8 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
         if self.opt['dist']:
             for tensor in net.state_dict().values():
                 dist.broadcast(tensor, 0)
+        if hasattr(self, 'net_g_ema'):
+            self.model_ema(0)  # the average restarts from the new network, not from the discarded one
         key = self.schedule.current.optimizer
         params, options = self.optimizer_specs[key]
         old = self.optimizer_by_name[key]
