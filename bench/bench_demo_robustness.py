@@ -23,8 +23,9 @@ of the ground truth's (synthetic) at 1×; all seeds pass. For the demo's own set
 ships) also the real photos' brightest-fifth change within 10 grey levels of the released weights'; a network trained
 on another set is held to that set's ground truth, and its photo figures are reported, not judged.
 
-Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same option
-file content are reused, so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
+Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same training
+options are reused (:func:`options_digest`: the parsed options without ``name``, so comments and the experiment name
+do not count), so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
 on a possibly shared machine: each run records the 1-minute load average before and after it.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
@@ -100,6 +101,14 @@ def run_options(base: dict, data_dir: Path, name: str, factor: int, seed: int) -
     options['val']['val_freq'] = total
     options['logger'].update(save_checkpoint_freq=total, use_tb_logger=False)
     return options
+
+
+def options_digest(options: dict) -> str:
+    """sha256 of what decides a run: the parsed options except ``name`` (which every run overrides), in canonical
+    JSON. Comments, layout and the experiment name do not change it, so a recipe moved between files (a candidate
+    shipped, say) keeps its runs."""
+    content = {key: value for key, value in options.items() if key != 'name'}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -255,7 +264,7 @@ def verdicts(results: dict) -> dict:
 def markdown(results: dict) -> str:
     s, runs = results['settings'], results['runs']
     lines = ['# Demo recipe robustness (`bench/bench_demo_robustness.py`)', '',
-             f'Option file `{s["opt"]}` (sha256 {results["opt_sha256"][:12]}), {results["label"]}. Machine: '
+             f'Option file `{s["opt"]}` (options sha256 {results["options_sha256"][:12]}), {results["label"]}. Machine: '
              f'{results["machine"]["processor"]}; training in a child process with 1 OpenMP thread (train s: wall '
              'time, on a shared machine where the runs record a load average). Data: '
              f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
@@ -341,7 +350,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = load_option_file(str(opt_path))
-    opt_sha = hashlib.sha256(opt_path.read_bytes()).hexdigest()
+    options_sha = options_digest(base)
     if args.photos is None:
         default = shared_data_dir() / 'backlit_samples'
         photos = default if default.is_dir() else None
@@ -352,9 +361,9 @@ def main() -> None:
     runs = {}
     if previous.is_file() and not args.fresh:
         earlier = json.loads(previous.read_text())
-        if earlier.get('opt_sha256') == opt_sha:
+        if earlier.get('options_sha256') == options_sha:
             runs = earlier['runs']
-    results = {'opt_sha256': opt_sha, 'label': args.label,
+    results = {'options_sha256': options_sha, 'label': args.label,
                'machine': {'processor': cpu_capability(), 'platform': platform.platform(),
                            'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'train_threads': 1},
                'settings': {'opt': _shown_path(opt_path), 'models': args.models, 'lengths': args.lengths,

@@ -55,3 +55,23 @@ def test_candidate_recipes_kept_for_the_benchmark_load_and_build_their_guidance(
         encoder = build_image_encoder(opt['guidance_encoder'], role='guidance')
         embeds = encoder.encode_image(torch.rand(2, 3, 32, 32))
         assert embeds.shape[0] == 2 and torch.isfinite(embeds).all(), path.name
+
+
+def test_robustness_sweep_reuses_runs_by_training_options_not_file_bytes(tmp_path):
+    """bench_demo_robustness keeps earlier runs when the options that decide a run are the same: a comment or the
+    experiment name must not discard them, a changed training option must."""
+    import runpy
+
+    from rave_basicsr.utils.options import load_option_file
+
+    options_digest = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'),
+                                    run_name='bench_demo_robustness')['options_digest']
+    shipped = (REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml').read_text()
+    renamed = tmp_path / 'renamed.yml'
+    renamed.write_text('# a comment\n' + shipped.replace('name: RAVE_demo\n', 'name: RAVE_demo_copy\n', 1))
+    changed = tmp_path / 'changed.yml'
+    changed.write_text(shipped.replace('total_iter: ', 'total_iter: 1', 1))
+    digests = [options_digest(load_option_file(str(path)))
+               for path in (REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml', renamed, changed)]
+    assert 'RAVE_demo_copy' in renamed.read_text() and digests[0] == digests[1]
+    assert digests[0] != digests[2] and len(digests[0]) == 64
