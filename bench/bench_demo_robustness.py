@@ -265,8 +265,8 @@ def markdown(results: dict) -> str:
     s, runs = results['settings'], results['runs']
     lines = ['# Demo recipe robustness (`bench/bench_demo_robustness.py`)', '',
              f'Option file `{s["opt"]}` (options sha256 {results["options_sha256"][:12]}), {results["label"]}. '
-             f'Machine: {results["machine"]["processor"]}; training in a child process with 1 OpenMP thread (train s: wall '
-             'time, on a shared machine where the runs record a load average). Data: '
+             f'Machine: {results["machine"]["processor"]}; training in a child process with 1 OpenMP thread '
+             '(train s: wall time, on a shared machine where the runs record a load average). Data: '
              f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
              'lengths are total_iter × factor (the warm-up keeps its length); enhancement by `rave enhance` '
              '(fp32) with the final checkpoint.', '',
