@@ -124,16 +124,27 @@ def test_warmup_makes_the_network_close_to_identity(data, tmp_path):
     assert min(psnrs) >= 30.0, psnrs
 
 
+def build_with_dead_network(name, data, root, **train_overrides):
+    """A model whose network is dead (``L`` = 0 everywhere: a negative ``cond_add1`` bias, EMA copy included) and
+    whose warm-up guard fires after the second iteration (the PSNR of a white output is below 40 dB)."""
+    options = rave_options(name, data, warmup_iters=50, crop=32)
+    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
+    options['train'].update(train_overrides)
+    model = build(options, root)
+    with torch.no_grad():
+        model.get_bare_model(model.net_g).cond_add1.bias.fill_(-1.0)
+    if hasattr(model, 'net_g_ema'):
+        model.model_ema(0)
+    return model, options
+
+
 def test_warmup_guard_revives_a_dead_network(data, tmp_path):
     """A network whose L is 0 everywhere (negative ``cond_add1`` bias, about half of all random draws) has no
     gradient; the guard re-creates it with every parameter drawn again, as the originals re-create the network."""
-    options = rave_options('revive', data, warmup_iters=50, crop=32)
-    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
-    model = build(options, tmp_path)
+    model, options = build_with_dead_network('revive', data, tmp_path)
     net = model.get_bare_model(model.net_g)
     batch = train_batch(options)
     with torch.no_grad():
-        net.cond_add1.bias.fill_(-1.0)
         assert (net.illumination(batch['lq']) == 0).all()
     key = model.schedule.current.optimizer
     optimizer = model.optimizer_by_name[key]
@@ -149,14 +160,8 @@ def test_warmup_guard_revives_a_dead_network(data, tmp_path):
 def test_reinitialisation_restarts_the_ema_copy(data, tmp_path):
     """With ``ema_decay`` the averaged network must follow the re-initialised one, not keep the dead one's weights
     (validation and ``rave enhance`` use the EMA copy)."""
-    options = rave_options('revive_ema', data, warmup_iters=50, crop=32)
-    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
-    options['train']['ema_decay'] = 0.999
-    model = build(options, tmp_path)
+    model, options = build_with_dead_network('revive_ema', data, tmp_path, ema_decay=0.999)
     net = model.get_bare_model(model.net_g)
-    with torch.no_grad():
-        net.cond_add1.bias.fill_(-1.0)
-    model.model_ema(0)  # the EMA copy starts dead too
     batch = train_batch(options)
     for it in (1, 2):
         model.feed_data(batch)
@@ -170,12 +175,8 @@ def test_reinitialisation_restarts_the_ema_copy(data, tmp_path):
 def test_learning_rate_schedule_goes_on_after_a_reinitialisation(data, tmp_path):
     """The re-initialised network gets a fresh optimiser; the configured scheduler must drive that one (it used
     to keep stepping the discarded optimiser, so the schedule silently stopped)."""
-    options = rave_options('resched', data, warmup_iters=50, crop=32)
-    options['train']['warmup'].update(reinit_psnr=40.0, reinit_after=1, reinit_window=1)
-    options['train']['scheduler'] = {'type': 'MultiStepLR', 'milestones': [3, 4], 'gamma': 0.5}
-    model = build(options, tmp_path)
-    with torch.no_grad():
-        model.get_bare_model(model.net_g).cond_add1.bias.fill_(-1.0)  # dead: the guard fires at iteration 2
+    model, options = build_with_dead_network(
+        'resched', data, tmp_path, scheduler={'type': 'MultiStepLR', 'milestones': [3, 4], 'gamma': 0.5})
     batch = train_batch(options)
     lrs = []
     for it in range(1, 6):
