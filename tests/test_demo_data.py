@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rave_basicsr.cli.rave_cli import main as rave_main
-from rave_basicsr.data.backlight_models import synthesize_backlight
+from rave_basicsr.data.backlight_models import DEMO_LIGHTING, synthesize_backlight
 from rave_basicsr.data.demo_data import DEMO_FOLDERS, bundled_photos, make_demo_data, random_square_crop
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.utils.errors import RaveError
@@ -44,7 +44,11 @@ def test_layout_and_counts(demo):
     assert sources['val_gt'].read(0).rgb.shape == (128, 128, 3)
     gts = {sources['train_gt'].read(i).rgb.tobytes() for i in range(24)}
     assert not any(sources['train_welllit'].read(i).rgb.tobytes() in gts for i in range(16))
-    assert 'backlight model' in open(os.path.join(outdir, 'README.txt')).read().lower()
+    readme = open(os.path.join(outdir, 'README.txt')).read()
+    assert 'backlight model' in readme.lower()
+    # the ranges it states are the model's own (they once disagreed)
+    for low, high in (DEMO_LIGHTING.gamma, DEMO_LIGHTING.exposure, DEMO_LIGHTING.compression, DEMO_LIGHTING.haze):
+        assert f'{low:g}-{high:g}' in readme
 
 
 def test_backlit_is_far_from_ground_truth(demo):

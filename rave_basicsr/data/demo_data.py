@@ -25,16 +25,12 @@ from typing import Dict, List
 import cv2
 import numpy as np
 
-from rave_basicsr.data.backlight_models import DEFAULT_BACKLIGHT, get_backlight_model
+from rave_basicsr.data.backlight_models import DEFAULT_BACKLIGHT, DEMO_LIGHTING, get_backlight_model
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.image_io import encode_image, write_image_atomic
 
 DEMO_FOLDERS = ('train_backlit', 'train_welllit', 'train_gt', 'val_backlit', 'val_gt')
 README_NAME = 'README.txt'
-_DEMO_MODEL_README = (
-    'Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, weighted\n'
-    'towards dark regions); subject = exposure * x^gamma (gamma 1.8-2.6, exposure 0.35-0.55); background =\n'
-    '(1-h)*(1-(1-x)^k) + h*haze (k 2-3, h 0.2-0.4); blended by the mask, plus a bloom of the highlights.\n')
 
 
 def bundled_photos() -> List[np.ndarray]:
@@ -109,12 +105,23 @@ def make_demo_data(outdir: str, seed: int = 0, size: int = 128, overwrite: bool 
                 counts={'train': n_train, 'welllit': n_welllit, 'val': n_val})
 
 
+def _demo_model_readme() -> str:
+    """The demo model's description, its ranges read from ``DEMO_LIGHTING`` (so the two cannot disagree)."""
+    def span(bounds):
+        return f'{bounds[0]:g}-{bounds[1]:g}'
+    light = DEMO_LIGHTING
+    return ('Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, spared\n'
+            f'on highlights); subject = exposure * x^gamma (gamma {span(light.gamma)}, exposure {span(light.exposure)});\n'
+            f'background = (1-h)*(1-(1-x)^k) + h*haze (k {span(light.compression)}, h {span(light.haze)}) plus the glow\n'
+            'of a light source behind the scene; blended by the mask, plus a bloom of the highlights.\n')
+
+
 def _readme(seed: int, size: int, n_train: int, n_welllit: int, n_val: int, backlight: str) -> str:
     if backlight != DEFAULT_BACKLIGHT:
         model = (f'Backlight model: {backlight!r} (rave_basicsr.data.backlight_models), not the demo\'s own: '
                  'a set for checking a recipe on data it was not tuned on.\n')
     else:
-        model = _DEMO_MODEL_README
+        model = _demo_model_readme()
     return f"""RAVE / CLIP-LIT demo data (synthetic, made by `rave demo-data`, seed {seed}, {size}x{size} PNG)
 
 train_backlit/  {n_train} synthetic backlit images (training input)
