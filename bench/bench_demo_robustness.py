@@ -25,8 +25,9 @@ on another set is held to that set's ground truth, and its photo figures are rep
 
 Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same training
 options are reused (:func:`options_digest`: the parsed options without ``name``, so comments and the experiment name
-do not count), so a sweep can be run in parts (``--fresh`` starts over). Training seconds are wall time
-on a possibly shared machine: each run records the 1-minute load average before and after it.
+do not count) on the same data (:func:`data_digest`; every set is regenerated first), so a sweep can be run in parts
+(``--fresh`` starts over). Training seconds are wall time on a possibly shared machine: each run records the 1-minute
+load average before and after it.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
         [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--jobs 2]
@@ -46,6 +47,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import cv2
 import numpy as np
 import torch
 import yaml
@@ -109,6 +111,17 @@ def options_digest(options: dict) -> str:
     shipped, say) keeps its runs."""
     content = {key: value for key, value in options.items() if key != 'name'}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def data_digest(data_dir: Path) -> str:
+    """sha256 of a generated set's file names and decoded pixels: a run is kept only for the data it was made on, so
+    a changed backlight model (or photo crop) reruns that set's runs. Pixels, not PNG bytes, so another encoder
+    build does not count."""
+    sha = hashlib.sha256()
+    for path in sorted(p for p in data_dir.rglob('*.png')):
+        sha.update(str(path.relative_to(data_dir)).encode())
+        sha.update(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes())
+    return sha.hexdigest()
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -358,12 +371,23 @@ def main() -> None:
         photos = Path(args.photos) if args.photos else None
 
     previous = out / f'{name}.json'
-    runs = {}
-    if previous.is_file() and not args.fresh:
-        earlier = json.loads(previous.read_text())
-        if earlier.get('options_sha256') == options_sha:
-            runs = earlier['runs']
-    results = {'options_sha256': options_sha, 'label': args.label,
+    earlier = json.loads(previous.read_text()) if previous.is_file() and not args.fresh else {}
+    runs = dict(earlier.get('runs', {})) if earlier.get('options_sha256') == options_sha else {}
+
+    def reported_models() -> List[str]:
+        """The sets of this part of the sweep and of the runs kept from earlier parts (the report covers both)."""
+        return [m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())]
+
+    # every set is written afresh (seconds), so the data always comes from the backlight models as they are now
+    data_sha = {}
+    for model in reported_models():
+        make_demo_data(str(work / 'data' / model), seed=0, size=args.size, backlight=model, overwrite=True)
+        data_sha[model] = data_digest(work / 'data' / model)
+    made_on = earlier.get('data_sha256', {})
+    for key in [key for key, run in runs.items() if made_on.get(run['model']) != data_sha[run['model']]]:
+        print(f'{key}: its data has changed since it ran (dropped; rerun when this part of the sweep includes it)')
+        del runs[key]
+    results = {'options_sha256': options_sha, 'data_sha256': data_sha, 'label': args.label,
                'machine': {'processor': cpu_capability(), 'platform': platform.platform(),
                            'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'train_threads': 1},
                'settings': {'opt': _shown_path(opt_path), 'models': args.models, 'lengths': args.lengths,
@@ -372,10 +396,6 @@ def main() -> None:
                'criteria': CRITERIA, 'runs': runs}
     if photos is not None:
         results['released'] = released_reference(photos, work)
-
-    def reported_models() -> List[str]:
-        """The sets of this part of the sweep and of the runs kept from earlier parts (the report covers both)."""
-        return [m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())]
 
     def save() -> None:
         """Write the results; the runs kept from earlier parts of the sweep count in the settings and verdicts."""
@@ -388,10 +408,6 @@ def main() -> None:
         previous.write_text(json.dumps(merged, indent=2))
         (out / f'{name}.md').write_text(markdown(merged))
 
-    for model in reported_models():
-        data_dir = work / 'data' / model
-        if not (data_dir / 'val_gt').is_dir():
-            make_demo_data(str(data_dir), seed=0, size=args.size, backlight=model, overwrite=True)
     results['ceilings'] = {model: ceiling_psnr(work / 'data' / model) for model in reported_models()}
     todo = [(model, factor, seed) for seed in args.seeds for factor in args.lengths for model in args.models
             if run_key(model, factor, seed) not in runs]

@@ -75,3 +75,25 @@ def test_robustness_sweep_reuses_runs_by_training_options_not_file_bytes(tmp_pat
                for path in (REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml', renamed, changed)]
     assert 'RAVE_demo_copy' in renamed.read_text() and digests[0] == digests[1]
     assert digests[0] != digests[2] and len(digests[0]) == 64
+
+
+def test_robustness_sweep_reuses_runs_only_on_the_same_data(tmp_path):
+    """bench_demo_robustness keys each set's runs by its data too: regenerated identically the digest holds, a set
+    made by a changed backlight model (here: one pixel) gets a new one, so its runs are made again."""
+    import runpy
+
+    import cv2
+
+    from rave_basicsr.data.demo_data import make_demo_data
+
+    data_digest = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'),
+                                 run_name='bench_demo_robustness')['data_digest']
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    for folder in (first, second):
+        make_demo_data(str(folder), seed=0, size=32, n_train=2, n_welllit=2, n_val=1, backlight='mild')
+    assert data_digest(first) == data_digest(second) and len(data_digest(first)) == 64
+    image_path = second / 'val_backlit' / 'val_000.png'
+    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+    image[0, 0, 0] ^= 1
+    cv2.imwrite(str(image_path), image)
+    assert data_digest(first) != data_digest(second)
