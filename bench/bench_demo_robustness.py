@@ -25,9 +25,9 @@ on another set is held to that set's ground truth, and its photo figures are rep
 
 Results go to ``bench/results/<name>.json`` and ``.md`` after every run; runs already there for the same training
 options are reused (:func:`options_digest`: the parsed options without ``name``, so comments and the experiment name
-do not count) on the same data (:func:`data_digest`; every set is regenerated first), so a sweep can be run in parts
-(``--fresh`` starts over). Training seconds are wall time on a possibly shared machine: each run records the 1-minute
-load average before and after it.
+do not count) on the same data (:func:`same_data`; every set is regenerated first), so a sweep can be run in parts
+(``--fresh`` starts over). Each run records its CPU (figures differ between CPUs; the report names every one) and,
+as training seconds are wall time on a possibly shared machine, the 1-minute load average before and after it.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
         [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--jobs 2]
@@ -72,6 +72,8 @@ DEMO_DATA = 'demo/data/'
 #: and its reference
 CRITERIA = {'min_gain_db': 2.0, 'min_improved': 0.8, 'max_drift_db': 1.0, 'bright_tolerance': 10.0}
 RELEASED_WEIGHTS = 'rave_unpaired.pth'
+#: grey levels by which an image's channel mean may differ on the same data (:func:`same_data`)
+DATA_TOLERANCE = 0.01
 
 
 def _shown_path(path: Path) -> str:
@@ -113,15 +115,21 @@ def options_digest(options: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_digest(data_dir: Path) -> str:
-    """sha256 of a generated set's file names and decoded pixels: a run is kept only for the data it was made on, so
-    a changed backlight model (or photo crop) reruns that set's runs. Pixels, not PNG bytes, so another encoder
-    build does not count."""
-    sha = hashlib.sha256()
-    for path in sorted(p for p in data_dir.rglob('*.png')):
-        sha.update(str(path.relative_to(data_dir)).encode())
-        sha.update(cv2.imread(str(path), cv2.IMREAD_UNCHANGED).tobytes())
-    return sha.hexdigest()
+def data_fingerprint(data_dir: Path) -> Dict[str, List[float]]:
+    """Each generated image's mean R, G, B (grey levels, 4 decimals), by path: what :func:`same_data` compares, so
+    that a run is kept only for the data it was made on and a changed backlight model reruns that set's runs.
+    Means, not a hash of the pixels: the sets are float computations rounded to 8 bits, and another CPU's kernels
+    move a few pixels by one level (the window set between an AVX-512 and an AVX2 machine)."""
+    return {str(path.relative_to(data_dir)): [round(float(v), 4) for v in cv2.imread(str(path))[..., ::-1]
+                                              .reshape(-1, 3).mean(0)]
+            for path in sorted(data_dir.rglob('*.png'))}
+
+
+def same_data(first: Optional[dict], second: dict) -> bool:
+    """Whether two :func:`data_fingerprint` results are one set: the same files, every mean within 0.01 grey levels
+    (a one-level change of 1 % of a 128-px image's pixels moves its mean by 0.01)."""
+    return (first is not None and first.keys() == second.keys()
+            and all(abs(a - b) <= DATA_TOLERANCE for name in first for a, b in zip(first[name], second[name])))
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -274,11 +282,29 @@ def verdicts(results: dict) -> dict:
     return out
 
 
+def processors(runs: dict) -> List[str]:
+    """The CPUs the runs were made on, in order of first appearance (a sweep made in parts may span machines)."""
+    return list(dict.fromkeys(run['processor'] for run in runs.values()))
+
+
+def machine_tag(runs: dict, run: dict) -> str:
+    return 'ABCDEFGHIJ'[processors(runs).index(run['processor'])]
+
+
+def machines_text(runs: dict) -> str:
+    """The report's machine line: one CPU, or each CPU with the tag its runs carry after the seed."""
+    names = processors(runs)
+    if len(names) <= 1:
+        return f'Machine: {names[0] if names else "no runs yet"}'
+    return 'Machines (the tag after each seed): ' + '; '.join(f'{"ABCDEFGHIJ"[i]}: {name}'
+                                                                 for i, name in enumerate(names))
+
+
 def markdown(results: dict) -> str:
     s, runs = results['settings'], results['runs']
     lines = ['# Demo recipe robustness (`bench/bench_demo_robustness.py`)', '',
              f'Option file `{s["opt"]}` (options sha256 {results["options_sha256"][:12]}), {results["label"]}. '
-             f'Machine: {results["machine"]["processor"]}; training in a child process with 1 OpenMP thread '
+             f'{machines_text(runs)}; training in a child process with 1 OpenMP thread '
              '(train s: wall time, on a shared machine where the runs record a load average). Data: '
              f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
              'lengths are total_iter × factor (the warm-up keeps its length); enhancement by `rave enhance` '
@@ -310,7 +336,8 @@ def markdown(results: dict) -> str:
         well_lit = '' if not with_pair else ' {input:.2f} → {output:.2f} ({gt:.2f}) |'.format(**run['well_lit'])
         per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
         load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
-        lines.append(f'| {run["model"]} | {run["factor"]}× | {run["seed"]} | {run["total_iter"]} | '
+        seed = run['seed'] if len(processors(runs)) == 1 else f'{run["seed"]} ({machine_tag(runs, run)})'
+        lines.append(f'| {run["model"]} | {run["factor"]}× | {seed} | {run["total_iter"]} | '
                      f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
                      f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | '
                      f'{m["bright_out"]:+.1f} ({m["bright_gt"]:+.1f}) | '
@@ -379,21 +406,22 @@ def main() -> None:
         return [m for m in BACKLIGHT_MODELS if m in args.models or any(r['model'] == m for r in runs.values())]
 
     # every set is written afresh (seconds), so the data always comes from the backlight models as they are now
-    data_sha = {}
+    fingerprints = {}
     for model in reported_models():
         make_demo_data(str(work / 'data' / model), seed=0, size=args.size, backlight=model, overwrite=True)
-        data_sha[model] = data_digest(work / 'data' / model)
-    made_on = earlier.get('data_sha256', {})
-    for key in [key for key, run in runs.items() if made_on.get(run['model']) != data_sha[run['model']]]:
+        fingerprints[model] = data_fingerprint(work / 'data' / model)
+    made_on = earlier.get('data', {})
+    for key in [key for key, run in runs.items()
+                if not same_data(made_on.get(run['model']), fingerprints[run['model']])]:
         print(f'{key}: its data has changed since it ran (dropped; rerun when this part of the sweep includes it)')
         del runs[key]
-    results = {'options_sha256': options_sha, 'data_sha256': data_sha, 'label': args.label,
+    results = {'options_sha256': options_sha, 'label': args.label,
                'machine': {'processor': cpu_capability(), 'platform': platform.platform(),
                            'cpu_count': os.cpu_count(), 'torch': torch.__version__, 'train_threads': 1},
                'settings': {'opt': _shown_path(opt_path), 'models': args.models, 'lengths': args.lengths,
                             'seeds': args.seeds, 'size': args.size, 'n_val': 6,
                             'photos': None if photos is None else photos.name},
-               'criteria': CRITERIA, 'runs': runs}
+               'criteria': CRITERIA, 'runs': runs, 'data': fingerprints}
     if photos is not None:
         results['released'] = released_reference(photos, work)
 
@@ -419,7 +447,8 @@ def main() -> None:
         for future in as_completed(pending):
             model, factor, seed = pending[future]
             key, result = run_key(model, factor, seed), future.result()
-            runs[key] = {'model': model, 'factor': factor, 'seed': seed, **result}
+            runs[key] = {'model': model, 'factor': factor, 'seed': seed, 'processor': results['machine']['processor'],
+                         **result}
             m = result['summary']
             print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
                   f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',

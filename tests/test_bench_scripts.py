@@ -78,22 +78,42 @@ def test_robustness_sweep_reuses_runs_by_training_options_not_file_bytes(tmp_pat
 
 
 def test_robustness_sweep_reuses_runs_only_on_the_same_data(tmp_path):
-    """bench_demo_robustness keys each set's runs by its data too: regenerated identically the digest holds, a set
-    made by a changed backlight model (here: one pixel) gets a new one, so its runs are made again."""
+    """bench_demo_robustness keeps a set's runs only on the data they were made on: regenerated, the set is the same;
+    one pixel off by one level (another CPU's rounding) is still the same; a set made by a changed backlight model
+    (here: a patch brightened) is not, so its runs are made again."""
     import runpy
 
     import cv2
+    import numpy as np
 
     from rave_basicsr.data.demo_data import make_demo_data
 
-    data_digest = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'),
-                                 run_name='bench_demo_robustness')['data_digest']
+    bench = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'), run_name='bench_demo_robustness')
+    fingerprint, same_data = bench['data_fingerprint'], bench['same_data']
     first, second = tmp_path / 'first', tmp_path / 'second'
     for folder in (first, second):
         make_demo_data(str(folder), seed=0, size=32, n_train=2, n_welllit=2, n_val=1, backlight='mild')
-    assert data_digest(first) == data_digest(second) and len(data_digest(first)) == 64
+    reference = fingerprint(first)
+    assert len(reference) == 8 and same_data(reference, fingerprint(second))
+    assert not same_data(None, reference)
     image_path = second / 'val_backlit' / 'val_000.png'
-    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
-    image[0, 0, 0] ^= 1
+    image = cv2.imread(str(image_path))
+    image[0, 0, 0] = image[0, 0, 0] + 1 if image[0, 0, 0] < 255 else 254
     cv2.imwrite(str(image_path), image)
-    assert data_digest(first) != data_digest(second)
+    assert fingerprint(second) != reference and same_data(reference, fingerprint(second))
+    image[:8, :8] = np.clip(image[:8, :8].astype(int) + 20, 0, 255).astype(np.uint8)
+    cv2.imwrite(str(image_path), image)
+    assert not same_data(reference, fingerprint(second))
+
+
+def test_robustness_report_names_the_machine_of_each_run():
+    """A sweep made in parts may span machines (CPU figures differ between them): the report names each CPU and
+    tags the runs made on the second and later ones."""
+    import runpy
+
+    bench = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'), run_name='bench_demo_robustness')
+    one = {'a': {'processor': 'Xeon, AVX512'}, 'b': {'processor': 'Xeon, AVX512'}}
+    assert bench['machines_text'](one) == 'Machine: Xeon, AVX512'
+    two = dict(one, c={'processor': 'EPYC, AVX2'})
+    assert bench['machines_text'](two) == 'Machines (the tag after each seed): A: Xeon, AVX512; B: EPYC, AVX2'
+    assert [bench['machine_tag'](two, run) for run in two.values()] == ['A', 'A', 'B']
