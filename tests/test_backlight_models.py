@@ -23,7 +23,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_at_least_four_models_besides_the_demo():
     assert DEFAULT_BACKLIGHT == 'demo'
-    assert {'subject', 'mild', 'silhouette', 'window'} <= set(BACKLIGHT_MODELS) - {'demo'}
+    assert {'hazy', 'subject', 'mild', 'silhouette', 'window'} <= set(BACKLIGHT_MODELS) - {'demo'}
 
 
 @pytest.mark.parametrize('name', list(BACKLIGHT_MODELS))
@@ -58,7 +58,7 @@ def test_models_differ_in_strength(crops):
 
 
 def test_unknown_name_lists_the_valid_ones(tmp_path):
-    with pytest.raises(RaveError, match='unknown backlight model .nope.*demo, subject, mild, silhouette, window'):
+    with pytest.raises(RaveError, match='unknown backlight model .nope.*demo, hazy, subject, mild, silhouette, window'):
         get_backlight_model('nope')
     with pytest.raises(RaveError, match='unknown backlight model'):
         make_demo_data(str(tmp_path / 'data'), backlight='nope')

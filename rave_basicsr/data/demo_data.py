@@ -7,14 +7,14 @@ random horizontal flip) and resized to ``size``². Backlit versions come from a 
 :func:`~rave_basicsr.data.backlight_models.synthesize_backlight`:
 
 1. a smooth *subject mask* m in [0, 1]: a soft ellipse around a random point in the lower-middle of the frame
-   joined with the foreground below a random soft horizon, lowered on the photo's highlights (which stay
-   bright), then blurred;
+   joined with the foreground below a random soft horizon, lowered on the photo's highlights, blurred, then
+   cleared wherever the photo is bright (blurred luma above 0.45 fades out of it, above 0.7 is out);
 2. the subject is under-exposed: ``s = exposure · x^gamma`` (gamma 1.8-2.6, exposure 0.3-0.5);
-3. the background is pushed towards saturation and hazed: ``b = (1 - h) · (1 - (1 - x)^k) + h · haze``
-   (k 2-3.5, haze strength h 0.25-0.45, a warm white haze colour), plus the glow of a light source behind the
-   scene (a wide Gaussian centred near the top edge);
-4. ``y = m · s + (1 - m) · b``, plus a bloom: a wide blur of everything above 0.85 added back.
+3. ``y = m · s + (1 - m) · x``: the camera exposed for the background, which keeps its values, highlights included
+   (as in a real backlit photo, where an enhancer should lift the subject and leave the sky alone).
 
+Until 2026-12-02 the demo set was made by the ``hazy`` model (its background hazed, lit by a glow and bloomed), whose
+right answer darkens every highlight; a network trained on it darkened the skies of real photos (docs/training.md).
 The ground truth of a backlit image is the crop it was made from. Everything is drawn from
 ``numpy.random.default_rng(seed)`` streams, so a seed gives byte-identical files.
 """
@@ -110,10 +110,10 @@ def _demo_model_readme() -> str:
     def span(bounds):
         return f'{bounds[0]:g}-{bounds[1]:g}'
     light = DEMO_LIGHTING
-    return ('Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, spared\n'
-            f'on highlights); subject = exposure * x^gamma (gamma {span(light.gamma)}, exposure {span(light.exposure)});\n'
-            f'background = (1-h)*(1-(1-x)^k) + h*haze (k {span(light.compression)}, h {span(light.haze)}) plus the glow\n'
-            'of a light source behind the scene; blended by the mask, plus a bloom of the highlights.\n')
+    return ('Backlight model: a smooth subject mask (soft ellipse in the lower-middle plus a dark foreground, cleared\n'
+            f'wherever the photo is bright); subject = exposure * x^gamma (gamma {span(light.gamma)}, exposure '
+            f'{span(light.exposure)});\nthe background and every highlight keep their values (the camera exposed '
+            'for them).\n')
 
 
 def _readme(seed: int, size: int, n_train: int, n_welllit: int, n_val: int, backlight: str) -> str:
