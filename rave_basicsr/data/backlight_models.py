@@ -1,7 +1,8 @@
 """Synthetic backlight models: turn a well-lit float RGB image into a backlit one, deterministically from an rng.
 
-One model (``demo``) made the demo set the demo recipe was tuned on; the others exist so that a recipe can be
-checked on backlit sets it was *not* tuned on (a recipe that only works on its own data is not robust).
+One model (``demo``) makes the demo set; the others exist so that a recipe can be checked on backlit sets it was
+*not* tuned on (a recipe that only works on its own data is not robust). The RAVE demo recipe was tuned on ``hazy``,
+the demo set before 2026-12-02.
 Every model returns ``(backlit, subject_mask)``: float32 H×W×3 in [0, 1] and the H×W mask of the darkened subject.
 
 * ``demo``: the demo set's model (:func:`synthesize_backlight`; described in docs/data.md): a camera exposed for the
