@@ -9,8 +9,10 @@ TINY_IDENTITY = {'type': 'open_clip', 'model': 'rave-test-tiny-rn', 'pretrained'
 STATS_GUIDANCE = {'type': 'arch', 'network': {'type': 'ImageStatsEncoder'}}
 
 
-def demo_data(root: Path, size: int = 64, n_train: int = 8, n_welllit: int = 8, n_val: int = 2) -> dict:
-    return make_demo_data(str(root), seed=0, size=size, n_train=n_train, n_welllit=n_welllit, n_val=n_val)
+def demo_data(root: Path, size: int = 64, n_train: int = 8, n_welllit: int = 8, n_val: int = 2,
+              backlight: str = 'demo') -> dict:
+    return make_demo_data(str(root), seed=0, size=size, n_train=n_train, n_welllit=n_welllit, n_val=n_val,
+                          backlight=backlight)
 
 
 def rave_options(name: str, data: dict, total_iter: int = 4, warmup_iters: int = 2, save_freq: int = 2,
