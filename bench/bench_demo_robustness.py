@@ -74,6 +74,8 @@ CRITERIA = {'min_gain_db': 2.0, 'min_improved': 0.8, 'max_drift_db': 1.0, 'brigh
 RELEASED_WEIGHTS = 'rave_unpaired.pth'
 #: grey levels by which an image's channel mean may differ on the same data (:func:`same_data`)
 DATA_TOLERANCE = 0.01
+#: the report's tags for the CPUs of a sweep made on several machines (:func:`machines_text`)
+MACHINE_TAGS = 'ABCDEFGHIJ'
 
 
 def _shown_path(path: Path) -> str:
@@ -288,7 +290,7 @@ def processors(runs: dict) -> List[str]:
 
 
 def machine_tag(runs: dict, run: dict) -> str:
-    return 'ABCDEFGHIJ'[processors(runs).index(run['processor'])]
+    return MACHINE_TAGS[processors(runs).index(run['processor'])]
 
 
 def machines_text(runs: dict) -> str:
@@ -296,8 +298,7 @@ def machines_text(runs: dict) -> str:
     names = processors(runs)
     if len(names) <= 1:
         return f'Machine: {names[0] if names else "no runs yet"}'
-    return 'Machines (the tag after each seed): ' + '; '.join(f'{"ABCDEFGHIJ"[i]}: {name}'
-                                                                 for i, name in enumerate(names))
+    return 'Machines (the tag after each seed): ' + '; '.join(f'{tag}: {name}' for tag, name in zip(MACHINE_TAGS, names))
 
 
 def markdown(results: dict) -> str:
@@ -330,13 +331,14 @@ def markdown(results: dict) -> str:
                   'dark (gt) | photos bright / dark |' + (' well-lit p |' if with_pair else '') +
               ' per-image out PSNR |', '|---' * (13 if with_pair else 12) + '|']
     order = list(BACKLIGHT_MODELS)
+    tagged = len(processors(runs)) > 1
     for run in sorted(runs.values(), key=lambda r: (order.index(r['model']), r['factor'], r['seed'])):
         m = run['summary']
         photos = f'{m["photos_bright"]:+.1f} / {m["photos_dark"]:+.1f}' if 'photos_bright' in m else '—'
         well_lit = '' if not with_pair else ' {input:.2f} → {output:.2f} ({gt:.2f}) |'.format(**run['well_lit'])
         per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
         load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
-        seed = run['seed'] if len(processors(runs)) == 1 else f'{run["seed"]} ({machine_tag(runs, run)})'
+        seed = f'{run["seed"]} ({machine_tag(runs, run)})' if tagged else run['seed']
         lines.append(f'| {run["model"]} | {run["factor"]}× | {seed} | {run["total_iter"]} | '
                      f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
                      f'{m["gain"]:+.2f} | {100 * m["improved"]:.0f} % | '
