@@ -298,7 +298,8 @@ def machines_text(runs: dict) -> str:
     names = processors(runs)
     if len(names) <= 1:
         return f'Machine: {names[0] if names else "no runs yet"}'
-    return 'Machines (the tag after each seed): ' + '; '.join(f'{tag}: {name}' for tag, name in zip(MACHINE_TAGS, names))
+    tags = '; '.join(f'{tag}: {name}' for tag, name in zip(MACHINE_TAGS, names))
+    return f'Machines (the tag after each seed): {tags}'
 
 
 def markdown(results: dict) -> str:
