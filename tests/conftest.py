@@ -15,6 +15,17 @@ from tests.shared_data import ReleasedWeights, require_shared_data  # noqa: E402
 pytest_plugins = ['pytester']  # tests/test_shared_data.py runs pytest on small test files
 
 
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (the README's ``-n 2``), each worker's torch gets its share of the cores: two workers with
+    a thread per core each would oversubscribe them. The end-to-end tests' child processes use one thread anyway
+    (tests/pipeline_helpers.single_thread_env)."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope='session')
 def shared_data() -> Path:
     """The shared data folder (released weights, backlit photos, reference outputs); when it is absent the test is

@@ -262,9 +262,11 @@ def test_precision_and_device_choices(weights_file, monkeypatch):
 
 
 def test_mixed_precision_is_within_one_grey_level_of_fp32_on_real_photos(shared_data):
-    """``mixed`` (bf16 in the middle of the network) on the six real photos, whole and tiled: every pixel within one
-    grey level of fp32 (float difference < 1/255, so the 8-bit outputs differ by at most one level); pure bf16 is
-    not, which is why the ends stay in float32."""
+    """``mixed`` (bf16 in the middle of the network) on the six real photos: every pixel within one grey level of
+    fp32 (float difference < 1/255, so the 8-bit outputs differ by at most one level), whole and, on the photo with
+    the largest error (backlit_5: 0.61 levels), tiled; pure bf16 is not (1.47 levels there), which is why the ends
+    stay in float32. The tiled and bf16 runs take one photo each: CPUs without native bfloat16 emulate it about 10x
+    slower than fp32 (AVX2: 24 s per photo and precision with one thread)."""
     from rave_basicsr.inference.weights import load_enhancement_network
     network = load_enhancement_network(shared_data / 'official_checkpoints' / 'rave_unpaired.pth',
                                        outer_padding='reflect', division_eps=0.0)
@@ -275,10 +277,13 @@ def test_mixed_precision_is_within_one_grey_level_of_fp32_on_real_photos(shared_
     for path in sorted((shared_data / 'backlit_samples').glob('*.png')):
         rgb = read_image(str(path)).rgb
         reference = enhance_image(network, rgb, tile=0)
-        for name, tile, precision in (('mixed', 0, 'mixed'), ('mixed tiled', 150, 'mixed'), ('bf16', 0, 'bf16')):
+        runs = [('mixed', 0, 'mixed')]
+        if path.name == 'backlit_5.png':
+            runs += [('mixed tiled', 150, 'mixed'), ('bf16', 0, 'bf16')]
+        for name, tile, precision in runs:
             output = enhance_image(network, rgb, tile=tile, precision=precision)
             worst[name] = max(worst[name], float(np.abs(output - reference).max()) * 255)
-    assert worst['mixed'] < 1 and worst['mixed tiled'] < 1, worst
+    assert 0 < worst['mixed'] < 1 and 0 < worst['mixed tiled'] < 1, worst
     assert worst['bf16'] > 1, worst
 
 
