@@ -28,7 +28,7 @@ setup(
         'safetensors',
         'tqdm',
     ],
-    extras_require={'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3.2']},
+    extras_require={'test': ['pytest>=7', 'pytest-timeout', 'pytest-xdist>=3.8']},
     entry_points={
         'console_scripts': [
             'basicsr=rave_basicsr.cli.basicsr_cli:main',

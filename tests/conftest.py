@@ -16,14 +16,28 @@ pytest_plugins = ['pytester']  # tests/test_shared_data.py runs pytest on small 
 
 
 def pytest_configure(config) -> None:
-    """Under pytest-xdist (the README's ``-n 2``), each worker's torch gets its share of the cores: two workers with
-    a thread per core each would oversubscribe them. The end-to-end tests' child processes use one thread anyway
-    (tests/pipeline_helpers.single_thread_env)."""
+    """Under pytest-xdist (the README's ``-n 2``): each worker's torch gets its share of the cores (two workers with a
+    thread per core each would oversubscribe them; the end-to-end tests' child processes use one thread anyway,
+    tests/pipeline_helpers.single_thread_env), and the controller hands out one test at a time (``--maxschedchunk
+    1``, unless given) instead of a quarter of the suite per worker up front, so that the long runs put first (see
+    :func:`pytest_collection_modifyitems`) are shared out instead of queued on one worker."""
     workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '0'))
     if workers > 1:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if getattr(config.option, 'numprocesses', None) and getattr(config.option, 'maxschedchunk', 0) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist, the demo trainings (several minutes each), then the other end-to-end runs, then the rest,
+    each group in file order: the longest runs start first, on whichever worker is free, and the short tests fill
+    in around them instead of leaving one worker alone with a long run at the end. Every worker sorts its collection
+    the same way, as xdist requires."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        items.sort(key=lambda item: 0 if item.get_closest_marker('demo_training') else
+                   1 if item.get_closest_marker('slow') else 2)
 
 
 @pytest.fixture(scope='session')

@@ -95,6 +95,7 @@ def test_two_process_cpu_torchrun_keeps_ranks_identical(data, tmp_path):
     assert 'world_size: 2' in log and re.search(r'Iteration 11: stage "prompt" ended', log)
 
 
+@pytest.mark.demo_training
 def test_offline_latent_demo_enhances_the_demo_set(tmp_path):
     """The CLIP-LIT-Latent demo option file as shipped, on `rave demo-data --backlight hazy` (the set it is measured
     on; on the RAVE demo's set it gains only 0.57 dB, docs/clip_lit.md): mean PSNR gain against the ground truth
@@ -108,6 +109,7 @@ def test_offline_latent_demo_enhances_the_demo_set(tmp_path):
     assert (after > before).sum() >= 5, (before, after)
 
 
+@pytest.mark.demo_training
 def test_offline_clip_lit_demo_prompts_separate_backlit_from_well_lit(tmp_path):
     """The CLIP-LIT demo's prompt initialisation as shipped (through the tiny random CLIP, on `rave demo-data
     --backlight hazy`, the set it is measured on): the learned pair scores the validation ground truths as well-lit

@@ -165,6 +165,7 @@ def test_training_checkpoint_enhances_with_rave_enhance_and_basicsr_test(data, t
     assert len(list((results / 'visualization' / 'BAID_test').glob('*.png'))) == 2
 
 
+@pytest.mark.demo_training
 @pytest.mark.parametrize('backlight', ['demo', 'mild'])
 def test_offline_demo_enhances_its_own_set_and_one_it_was_not_tuned_on(tmp_path, backlight):
     """The demo option file as shipped, on `rave demo-data --backlight NAME`: the demo's own set, and `mild`, made by
