@@ -172,7 +172,8 @@ def test_offline_demo_enhances_its_own_set_and_one_it_was_not_tuned_on(tmp_path,
     a backlight model the recipe was not tuned on (the recipe before the identity-start bias and the cone encoder
     blew `mild` out to white, 15.9 -> 3.3 dB; the one before the translation loss gained 0.26 dB on it at seed 1).
     The robustness benchmark's criteria: mean PSNR gain against the ground truth >= 2 dB, at least 80 % of the
-    images improved (5 of 6). One training thread each (the README's `pytest -n 2` runs the two sets at once)."""
+    images improved (5 of 6). Each set is one test training with one thread; the README's `pytest -n 2` runs the
+    demo trainings two at a time."""
     result = train_shipped_demo('train_rave_demo.yml', 'RAVE_demo', tmp_path, backlight)
     before, after = result['before'], result['after']
     assert len(before) == 6
