@@ -2,6 +2,8 @@
 ``clip_score.py`` and ``train.py``, docs/references.md)."""
 import math
 
+import cv2
+import numpy as np
 import pytest
 import torch
 from basicsr.losses import build_loss
@@ -10,6 +12,7 @@ from rave_basicsr.guidance.encoders import build_image_encoder
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
                                                     PromptRankingLoss, ResidualTranslationLoss,
                                                     ResidualVectorLoss)
+from rave_basicsr.losses.illumination_loss import IlluminationSmoothnessLoss
 from rave_basicsr.utils.errors import RaveError
 
 
@@ -144,6 +147,37 @@ def test_translation_loss_hand_computation():
     with pytest.raises(RaveError, match=r'ResidualTranslationLoss: image embeddings \[3, 3\], input embeddings '
                                         r'\[2, 3\] and residual \[3\] must be'):
         ResidualTranslationLoss()(torch.tensor(E), torch.tensor(inputs[:2]), torch.tensor(residual), step)
+
+
+def test_illumination_smoothness_hand_computation():
+    light = torch.tensor([[[[1.0, 0.5, 0.5], [0.25, 0.25, 1e-6]]], [[[0.8, 0.8, 0.8], [0.8, 0.8, 0.8]]]])
+    log = [[math.log(1.0), math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.25), math.log(1e-3)]]
+    across = sum(abs(row[j + 1] - row[j]) for row in log for j in range(2)) / 4
+    down = sum(abs(log[1][j] - log[0][j]) for j in range(3)) / 3
+    loss = IlluminationSmoothnessLoss(loss_weight=2.0)
+    assert loss(light).item() == pytest.approx(2.0 * (across + down) / 2, rel=1e-5)  # image 2 is flat: mean of two
+    per_image = IlluminationSmoothnessLoss(reduction='none')(light)
+    assert per_image[1].item() == 0.0 and per_image[0].item() == pytest.approx(across + down, rel=1e-5)
+    # an exposure change (a constant factor, above the floor) costs nothing; the loss is float32 under bf16 autocast
+    above_floor = light[:1].clamp_min(0.1)
+    assert IlluminationSmoothnessLoss()(0.3 * above_floor).item() == pytest.approx(
+        IlluminationSmoothnessLoss()(above_floor).item(), rel=1e-5)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert IlluminationSmoothnessLoss()(light.bfloat16()).dtype == torch.float32
+    textured = (0.5 + 0.1 * torch.rand(1, 1, 16, 16)).requires_grad_(True)
+    IlluminationSmoothnessLoss()(textured).backward()
+    assert torch.isfinite(textured.grad).all() and textured.grad.abs().sum() > 0
+    # detail_sigma: the mean distance of log L from its Gaussian blur (radius 3 sigma, reflect-101 borders)
+    field = 0.2 + torch.rand(2, 1, 12, 10, generator=torch.Generator().manual_seed(0))
+    expected = [np.abs(log - cv2.GaussianBlur(log, (11, 11), 1.5, borderType=cv2.BORDER_REFLECT_101)).mean()
+                for log in field.log()[:, 0].numpy()]
+    detail = IlluminationSmoothnessLoss(detail_sigma=1.5, reduction='none')(field)
+    assert detail.tolist() == pytest.approx(expected, rel=1e-4)
+    assert IlluminationSmoothnessLoss(detail_sigma=1.5)(light[:, :, :1]).item() >= 0  # one row: replicated borders
+    with pytest.raises(RaveError, match=r'IlluminationSmoothnessLoss: the illumination map must be N×C×H×W'):
+        IlluminationSmoothnessLoss()(light[0])
+    with pytest.raises(RaveError, match='IlluminationSmoothnessLoss: option "floor" must be a positive number'):
+        IlluminationSmoothnessLoss(floor=0)
 
 
 def test_losses_build_from_options():

@@ -37,8 +37,8 @@ def test_reimport_and_submodule_first_do_not_raise():
 PLUGIN_NAMES = {
     'arch': {'BacklitUNet', 'ImageStatsEncoder', 'LogHistogramEncoder'},
     'model': {'RAVEModel', 'CLIPLITModel'},
-    'loss': {'CLIPIdentityLoss', 'PromptGuidanceLoss', 'PromptInitLoss', 'PromptRankingLoss', 'ResidualTranslationLoss',
-             'ResidualVectorLoss'},
+    'loss': {'CLIPIdentityLoss', 'IlluminationSmoothnessLoss', 'PromptGuidanceLoss', 'PromptInitLoss',
+             'PromptRankingLoss', 'ResidualTranslationLoss', 'ResidualVectorLoss'},
     'dataset': {'UnpairedBacklitDataset', 'LabelledBacklitDataset', 'PairedBacklitDataset'},
     'metric': {'calculate_rave_psnr', 'calculate_rave_ssim', 'calculate_rave_lpips', 'calculate_guidance_score'},
 }

@@ -93,6 +93,27 @@ def test_translation_loss_moves_each_input_by_the_residual_and_needs_the_mean_di
         model.stage_loss(model.schedule.current)
 
 
+def test_smoothness_loss_joins_the_guided_loss_of_the_network_illumination(data, tmp_path):
+    options = rave_options('smooth', data, warmup_iters=0, crop=32)
+    options['train']['smoothness_opt'] = {'type': 'IlluminationSmoothnessLoss', 'loss_weight': 5.0}
+    model = build(options, tmp_path)
+    model.feed_data(train_batch(options))
+    loss, parts = model.stage_loss(model.schedule.current)
+    assert list(parts) == ['l_rave', 'l_id', 'l_smooth']
+    with torch.no_grad():
+        light = model.net_g.illumination(model.lq)
+        by_hand = 5.0 * model.cri_smoothness.__class__()(light)
+    assert float(parts['l_smooth']) == pytest.approx(float(by_hand), rel=1e-5) and float(by_hand) > 0
+    assert float(loss) == pytest.approx(sum(float(v) for v in parts.values()), rel=1e-6)
+    model.optimize_parameters(1)
+    assert 'guided/l_smooth' in model.get_current_log()
+    # a network that does not return its illumination map is named in the error
+    model.net_g = torch.nn.Conv2d(3, 3, 1)
+    with pytest.raises(RaveError, match='train:smoothness_opt needs a network that returns its illumination map.*'
+                                        'Conv2d does not'):
+        model.stage_loss(model.schedule.current)
+
+
 def test_guided_loss_decreases_on_fixed_data(data, tmp_path):
     options = rave_options('decrease', data, warmup_iters=30, crop=32)
     options['train']['warmup'].update(optim={'type': 'Adam', 'lr': 1e-3}, reinit_psnr=None)

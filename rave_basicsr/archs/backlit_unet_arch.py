@@ -218,5 +218,8 @@ class BacklitUNet(nn.Module):
         light = self.illumination(x)
         return divide_by_illumination(x, light, self.division_eps).to(x.dtype), light
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_illumination(x)[0]
+    def forward(self, x: torch.Tensor, return_illumination: bool = False):
+        """The enhanced image, or ``(enhanced, illumination)`` with ``return_illumination`` (a keyword that reaches
+        the network through a DistributedDataParallel wrapper, which a method call would bypass)."""
+        enhanced, light = self.forward_with_illumination(x)
+        return (enhanced, light) if return_illumination else enhanced

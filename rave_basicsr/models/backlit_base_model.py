@@ -6,10 +6,12 @@
 * frozen encoders built by :func:`rave_basicsr.guidance.encoders.build_image_encoder` from top-level option blocks
   (``identity_encoder``, ``guidance_encoder``, ...). They live in ``self.encoders`` (a plain dict), so they are never
   in a saved state dict, never in an optimiser and never switched to train mode;
-* the identity loss (``train: identity_opt``, default ``CLIPIdentityLoss`` 22.5 × layer weights [1, 1, 1, 1, 0.5])
-  and the identity warm-up stage (``train: warmup``: ``iters`` 1000, ``identity_opt`` 25 × [1, 1, 1, 1, 1], the
-  re-initialisation guard of :mod:`~rave_basicsr.models.warmup_guard` with ``reinit_*``, and ``optim``: an own
-  optimiser for the warm-up; default: the network's ``optim_g``, as the originals);
+* the identity loss (``train: identity_opt``, default ``CLIPIdentityLoss`` 22.5 × layer weights [1, 1, 1, 1, 0.5]),
+  the optional illumination smoothness loss (``train: smoothness_opt``, default ~: not in the originals), both added
+  by :meth:`~BacklitBaseModel.enhance_for_guidance` to every method's guided loss, and the identity warm-up stage
+  (``train: warmup``: ``iters`` 1000, ``identity_opt`` 25 × [1, 1, 1, 1, 1], the re-initialisation guard of
+  :mod:`~rave_basicsr.models.warmup_guard` with ``reinit_*``, and ``optim``: an own optimiser for the warm-up;
+  default: the network's ``optim_g``, as the originals);
 * stage bookkeeping by iteration (:mod:`~rave_basicsr.models.stages`), per-stage optimisers, mixed precision
   (``train: mixed_precision: bf16 | fp16 | ~``) and ``train: channels_last``;
 * validation (:mod:`~rave_basicsr.models.validation`) and saving / exact resuming
@@ -32,7 +34,7 @@ How a subclass declares its method:
   optimiser step, ``on_stage_end(stage, round_, current_iter)`` and ``on_stage_start(stage)`` when a stage ends and
   the next begins.
 
-At about 420 lines this module is over the project's 400-line guide: what is left here is the one training step and
+At about 450 lines this module is over the project's 400-line guide: what is left here is the one training step and
 the subclass contract it calls, which read best together.
 """
 from collections import OrderedDict
@@ -134,6 +136,8 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
         for key in self.ENCODERS:
             self.encoder(key)
         self.cri_identity = build_loss(dict(train_opt.get('identity_opt') or DEFAULT_IDENTITY_OPT))
+        smoothness = train_opt.get('smoothness_opt')
+        self.cri_smoothness = None if smoothness is None else build_loss(dict(smoothness))
         warmup = option_block(train_opt, 'warmup', DEFAULT_WARMUP, 'train:warmup', tilde_keys=('reinit_psnr',))
         self.warmup_opt = warmup
         self.cri_warmup = build_loss(dict(warmup['identity_opt']))
@@ -275,6 +279,27 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
 
     def identity_features(self, images: torch.Tensor) -> List[torch.Tensor]:
         return self.encoder('identity_encoder').encode_image_features(images)
+
+    def enhance_for_guidance(self) -> Dict[str, torch.Tensor]:
+        """Enhance the batch for a guided stage (``self.output``) and return the terms every method adds to its
+        guidance: ``l_id``, the identity loss of the output against the input, and with ``train:smoothness_opt``
+        ``l_smooth``, the smoothness of the illumination map (which needs a network that returns it)."""
+        if self.cri_smoothness is None:
+            self.output = self.net_g(self.lq)
+        else:
+            try:
+                self.output, light = self.net_g(self.lq, return_illumination=True)
+            except TypeError as error:
+                network = type(self.get_bare_model(self.net_g)).__name__
+                raise RaveError(f'train:smoothness_opt needs a network that returns its illumination map '
+                                f'(forward(x, return_illumination=True), as BacklitUNet); {network} does not '
+                                f'({error}). Remove train:smoothness_opt for this network.') from error
+        with torch.no_grad():
+            target = self.identity_features(self.lq)
+        terms = OrderedDict(l_id=self.cri_identity(self.identity_features(self.output), target))
+        if self.cri_smoothness is not None:
+            terms['l_smooth'] = self.cri_smoothness(light)
+        return terms
 
     def warmup_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """25 · L_id(output, input; [1, 1, 1, 1, 1]): the network learns the identity mapping (L ≈ 1)."""

@@ -240,16 +240,14 @@ class CLIPLITModel(BacklitBaseModel):
         return loss, {'l_init': loss}
 
     def network_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Stage C-1: 320·p_backlit(output) + 22.5·L_id with the pair frozen (encoded once per stage)."""
+        """Stage C-1: 320·p_backlit(output) + 22.5·L_id (and the optional smoothness term) with the pair frozen
+        (encoded once per stage)."""
         if self.frozen_pair is None:
             with torch.no_grad():
                 self.frozen_pair = self.guidance_pair().detach().float()
-        self.output = self.net_g(self.lq)
+        terms = self.enhance_for_guidance()
         l_clip = self.cri_guidance(self.encoder('guidance_encoder').encode_image(self.output), self.frozen_pair)
-        with torch.no_grad():
-            target = self.identity_features(self.lq)
-        l_id = self.cri_identity(self.identity_features(self.output), target)
-        return l_clip + l_id, OrderedDict(l_clip=l_clip, l_id=l_id)
+        return l_clip + sum(terms.values()), OrderedDict(l_clip=l_clip, **terms)
 
     def ranking_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage C-2: 200·rank loss on backlit / well-lit couples plus the latest rounds' results."""

@@ -158,7 +158,7 @@ class RAVEModel(BacklitBaseModel):
     def stage_loss(self, stage: StageSpec) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if stage.name != 'guided':
             return super().stage_loss(stage)
-        self.output = self.net_g(self.lq)
+        terms = self.enhance_for_guidance()
         encoder = self.encoder('guidance_encoder')
         embeds = encoder.encode_image(self.output)
         if isinstance(self.cri_guidance, ResidualTranslationLoss):
@@ -171,7 +171,4 @@ class RAVEModel(BacklitBaseModel):
             l_rave = self.cri_guidance(embeds, input_embeds, self.residual, self.mean_distance)
         else:
             l_rave = self.cri_guidance(embeds, self.residual, self.threshold)
-        with torch.no_grad():
-            target = self.identity_features(self.lq)
-        l_id = self.cri_identity(self.identity_features(self.output), target)
-        return l_rave + l_id, OrderedDict(l_rave=l_rave, l_id=l_id)
+        return l_rave + sum(terms.values()), OrderedDict(l_rave=l_rave, **terms)
