@@ -117,3 +117,37 @@ def test_robustness_report_names_the_machine_of_each_run():
     two = dict(one, c={'processor': 'EPYC, AVX2'})
     assert bench['machines_text'](two) == 'Machines (the tag after each seed): A: Xeon, AVX512; B: EPYC, AVX2'
     assert [bench['machine_tag'](two, run) for run in two.values()] == ['A', 'A', 'B']
+
+
+def test_illumination_texture_and_rescoring_kept_runs(tmp_path):
+    """The illumination texture is about 0 for an exposure change (a smooth L) and grows for an L that follows the
+    image's texture; a kept run is scored again from its outputs only when they are that run's (same PSNRs)."""
+    import runpy
+
+    import cv2
+    import numpy as np
+
+    from rave_basicsr.data.demo_data import make_demo_data
+
+    bench = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'), run_name='bench_demo_robustness')
+    texture = bench['illumination_texture']
+    rng = np.random.default_rng(0)
+    image = np.clip(128 + 60 * rng.standard_normal((64, 64, 3)), 0, 255)
+    exposure = np.linspace(0.5, 1.0, 64)[None, :, None]  # a smooth lift from left to right
+    assert texture(image, np.clip(image / exposure, 0, 255)) < 0.01
+    tone_curve = 255 * np.power(image / 255, 0.5)  # a per-pixel tone curve: L follows the texture
+    assert texture(image, tone_curve) > 0.1
+
+    data = tmp_path / 'data'
+    make_demo_data(str(data), seed=0, size=32, n_train=1, n_welllit=1, n_val=2, backlight='mild')
+    enhanced = tmp_path / 'enhanced' / 'mild_x1_s0'
+    (enhanced / 'val').mkdir(parents=True)
+    for path in (data / 'val_backlit').iterdir():
+        cv2.imwrite(str(enhanced / 'val' / path.name), np.clip(cv2.imread(str(path)).astype(int) + 10, 0, 255))
+    rows = bench['score_validation'](data, enhanced / 'val')
+    run = {'images': [{k: v for k, v in r.items() if not k.startswith('texture')} for r in rows]}
+    assert bench['rescore'](run, data, enhanced, None)
+    assert 'texture_out' in run['summary'] and run['images'] == rows
+    cv2.imwrite(str(enhanced / 'val' / 'val_000.png'), cv2.imread(str(data / 'val_backlit' / 'val_000.png')))
+    other = {'images': rows}
+    assert not bench['rescore'](other, data, enhanced, None) and 'summary' not in other
