@@ -98,10 +98,10 @@ def test_two_process_cpu_torchrun_keeps_ranks_identical(data, tmp_path):
 @pytest.mark.demo_training
 def test_offline_latent_demo_enhances_the_demo_set(tmp_path):
     """The CLIP-LIT-Latent demo option file as shipped, on `rave demo-data --backlight hazy` (the set it is measured
-    on; on the RAVE demo's set it gains only 0.57 dB, docs/clip_lit.md): mean PSNR gain against the ground truth
-    >= 2 dB with at least 5 of 6 images improved (the robustness benchmark's criteria). The recipe before the
-    600-iteration latent initialisation, the identity start and guidance 0.5 : identity 200 took the same images
-    from 8.82 to 6.67 dB."""
+    on; on an earlier form of the RAVE demo's set it gained only 0.57 dB, docs/clip_lit.md): mean PSNR gain against
+    the ground truth >= 2 dB with at least 5 of 6 images improved (the robustness benchmark's criteria). The recipe
+    before the 600-iteration latent initialisation, the identity start and guidance 0.5 : identity 200 took the same
+    images from 8.82 to 6.67 dB."""
     psnr = train_shipped_demo('train_clip_lit_latent_demo.yml', 'CLIP_LIT_Latent_demo', tmp_path, 'hazy')
     before, after = psnr['before'], psnr['after']
     assert len(before) == 6

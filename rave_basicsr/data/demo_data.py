@@ -9,7 +9,7 @@ random horizontal flip) and resized to ``size``². Backlit versions come from a 
 1. a smooth *subject mask* m in [0, 1]: a soft ellipse around a random point in the lower-middle of the frame
    joined with the foreground below a random soft horizon, lowered on the photo's highlights, blurred, then
    cleared wherever the photo is bright (blurred luma above 0.45 fades out of it, above 0.7 is out);
-2. the subject is under-exposed: ``s = exposure · x^gamma`` (gamma 1.8-2.6, exposure 0.3-0.5);
+2. the subject is under-exposed, gently: ``s = exposure · x^gamma`` (gamma 1.15-1.4, exposure 0.58-0.7);
 3. ``y = m · s + (1 - m) · x``: the camera exposed for the background, which keeps its values, highlights included
    (as in a real backlit photo, where an enhancer should lift the subject and leave the sky alone).
 
