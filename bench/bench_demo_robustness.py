@@ -49,7 +49,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -216,6 +216,12 @@ def mean_fifths(rows: List[dict]) -> Dict[str, float]:
     return {key: float(np.mean([r[key] for r in rows])) for key in ('bright', 'dark', 'texture')}
 
 
+def score_photo_outputs(photos: Path, out_dir: Path) -> Tuple[List[dict], Dict[str, float]]:
+    """A run's per-photo rows (:func:`score_photos`) and their means as ``photos_*`` summary entries."""
+    rows = score_photos(photos, out_dir)
+    return rows, {f'photos_{key}': value for key, value in mean_fifths(rows).items()}
+
+
 def ceiling_psnr(data_dir: Path) -> float:
     """The best mean validation PSNR any network of the ``clamp(I / L)`` form can reach on a set: per pixel, the
     single-channel ``L`` (of 200 values, log-spaced over [0.05, 4]) nearest the ground truth. A set whose ceiling is
@@ -264,8 +270,8 @@ def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: i
             options, experiment, {'input': data_dir / 'val_backlit', 'output': enhanced, 'gt': data_dir / 'val_gt'})
     if photos is not None:
         enhance(photos, work / 'enhanced' / name / 'photos', weights)
-        result['photos'] = score_photos(photos, work / 'enhanced' / name / 'photos')
-        result['summary'].update({f'photos_{key}': value for key, value in mean_fifths(result['photos']).items()})
+        result['photos'], photo_summary = score_photo_outputs(photos, work / 'enhanced' / name / 'photos')
+        result['summary'].update(photo_summary)
     return result
 
 
@@ -283,8 +289,8 @@ def rescore(run: dict, data_dir: Path, enhanced: Path, photos: Optional[Path]) -
     if photos is not None and 'photos' in run:
         if not all((enhanced / 'photos' / path.name).is_file() for path in photos.iterdir() if path.is_file()):
             return False
-        run['photos'] = score_photos(photos, enhanced / 'photos')
-        summary.update({f'photos_{key}': value for key, value in mean_fifths(run['photos']).items()})
+        run['photos'], photo_summary = score_photo_outputs(photos, enhanced / 'photos')
+        summary.update(photo_summary)
     run['images'], run['summary'] = rows, summary
     return True
 

@@ -37,6 +37,7 @@ How a subclass declares its method:
 At about 450 lines this module is over the project's 400-line guide: what is left here is the one training step and
 the subclass contract it calls, which read best together.
 """
+import inspect
 from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Tuple
@@ -287,13 +288,12 @@ class BacklitBaseModel(ValidationMixin, TrainingStateMixin, BaseModel):
         if self.cri_smoothness is None:
             self.output = self.net_g(self.lq)
         else:
-            try:
-                self.output, light = self.net_g(self.lq, return_illumination=True)
-            except TypeError as error:
-                network = type(self.get_bare_model(self.net_g)).__name__
+            network = self.get_bare_model(self.net_g)
+            if 'return_illumination' not in inspect.signature(network.forward).parameters:
                 raise RaveError(f'train:smoothness_opt needs a network that returns its illumination map '
-                                f'(forward(x, return_illumination=True), as BacklitUNet); {network} does not '
-                                f'({error}). Remove train:smoothness_opt for this network.') from error
+                                f'(forward(x, return_illumination=True), as BacklitUNet); {type(network).__name__} '
+                                'does not. Remove train:smoothness_opt for this network.')
+            self.output, light = self.net_g(self.lq, return_illumination=True)
         with torch.no_grad():
             target = self.identity_features(self.lq)
         terms = OrderedDict(l_id=self.cri_identity(self.identity_features(self.output), target))
