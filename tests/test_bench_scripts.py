@@ -151,3 +151,21 @@ def test_illumination_texture_and_rescoring_kept_runs(tmp_path):
     cv2.imwrite(str(enhanced / 'val' / 'val_000.png'), cv2.imread(str(data / 'val_backlit' / 'val_000.png')))
     other = {'images': rows}
     assert not bench['rescore'](other, data, enhanced, None) and 'summary' not in other
+
+
+def test_robustness_highlight_rule_forbids_a_grey_veil_and_a_blow_out_not_a_kept_over_exposure():
+    """The highlights criterion on the synthetic sets: an output may darken the brightest fifth less than the ground
+    truth does (a synthetic over-exposure left in place costs PSNR, which the gain criterion counts), but not more
+    than 10 grey levels further (a grey veil), nor brighten it by more than 10 (a blow-out)."""
+    import runpy
+
+    bench = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'), run_name='bench_demo_robustness')
+    kept = bench['highlights_kept']
+    assert kept(-117.0, -121.8) and kept(-12.4, -29.5) and kept(0.0, -121.8) and kept(9.9, -29.5)
+    assert not kept(-40.0, -29.5) and not kept(10.5, -29.5)
+    assert kept(19.0, 10.0) and not kept(20.5, 10.0) and not kept(-0.5, 10.0)
+    summary = {'gain': 5.0, 'improved': 1.0, 'bright_out': -45.0, 'bright_gt': -29.5}
+    results = {'runs': {'mild_x1_s0': {'summary': summary}}, 'settings': {'models': ['mild'], 'seeds': [0],
+                                                                           'lengths': [1]}}
+    assert bench['verdicts'](results)['mild']['seeds']['0']['checks'] == {'gain': True, 'improved': True,
+                                                                          'highlights': False}
