@@ -51,7 +51,8 @@ def test_candidate_recipes_kept_for_the_benchmark_load_and_build_their_guidance(
     assert candidates
     for path in candidates:
         opt = load_option_file(str(path))
-        assert opt['model_type'] == 'RAVEModel' and opt['datasets']['train']['dataroot_backlit'].startswith('demo/')
+        assert opt['model_type'] in ('RAVEModel', 'CLIPLITModel'), path.name
+        assert opt['datasets']['train']['dataroot_backlit'].startswith('demo/'), path.name
         encoder = build_image_encoder(opt['guidance_encoder'], role='guidance')
         embeds = encoder.encode_image(torch.rand(2, 3, 32, 32))
         assert embeds.shape[0] == 2 and torch.isfinite(embeds).all(), path.name
