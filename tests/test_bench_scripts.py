@@ -170,3 +170,31 @@ def test_robustness_highlight_rule_forbids_a_grey_veil_and_a_blow_out_not_a_kept
                                                                            'lengths': [1]}}
     assert bench['verdicts'](results)['mild']['seeds']['0']['checks'] == {'gain': True, 'improved': True,
                                                                           'highlights': False}
+
+
+def test_trace_script_sets_nested_options_and_reads_the_losses_of_a_basicsr_log(tmp_path):
+    """trace_demo_run's --set changes one nested option (YAML value) and refuses a path the file does not have; the
+    losses it reports are those BasicSR logged at each iteration."""
+    import runpy
+
+    import pytest
+
+    trace = runpy.run_path(str(REPO_ROOT / 'bench' / 'trace_demo_run.py'), run_name='trace_demo_run')
+    options = {'train': {'warmup': {'optim': {'type': 'Adam', 'weight_decay': 0.001}}}}
+    trace['set_option'](options, 'train:warmup:optim:weight_decay=0')
+    trace['set_option'](options, 'train:warmup:optim:betas=[0.9, 0.99]')
+    assert options['train']['warmup']['optim'] == {'type': 'Adam', 'weight_decay': 0, 'betas': [0.9, 0.99]}
+    with pytest.raises(SystemExit, match='no block'):
+        trace['set_option'](options, 'train:guided:lr=1')
+    with pytest.raises(SystemExit, match='KEY=VALUE'):
+        trace['set_option'](options, 'train:warmup')
+    log = tmp_path / 'train.log'
+    log.write_text(
+        '2026-12-03 03:12:30,691 INFO: [hazy_..][epoch: 16, iter:     100, lr:(3.000e-04,)] [eta: 0:02:18, time '
+        '(data): 0.473 (0.007)] warmup/l_id: 1.1091e-06 warmup/l_total: 1.1091e-06 \n'
+        '2026-12-03 03:12:40,000 INFO: Validation demo_val\n'
+        '2026-12-03 03:12:49,000 INFO: [hazy_..][epoch: 19, iter:     120, lr:(3.000e-04,)] [eta: 0:02:00, time '
+        '(data): 0.470 (0.007)] guided/l_rave: 8.3984e+00 guided/l_id: 6.5504e-03 guided/l_total: 8.4087e+00 \n')
+    assert trace['logged_losses'](log) == {
+        100: {'warmup/l_id': 1.1091e-06, 'warmup/l_total': 1.1091e-06},
+        120: {'guided/l_rave': 8.3984, 'guided/l_id': 6.5504e-03, 'guided/l_total': 8.4087}}

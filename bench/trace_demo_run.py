@@ -1,0 +1,176 @@
+"""Trace one demo training run iteration by iteration: when does the network lift the subjects, and does it keep it?
+
+``bench_demo_robustness.py`` scores only the final checkpoint of each run. This script trains one run (one option
+file, one synthetic backlight set, one seed; the same child-process ``basicsr train`` with one OpenMP thread) with a
+checkpoint every ``--every`` iterations, and reports per checkpoint: the validation PSNR against the ground truth
+(8-bit RGB, BasicSR's ``calculate_psnr``, as the validation during training computes it), the mean illumination map
+``L`` over each validation input's darkest and brightest fifth of pixels (luminance), the mean absolute weight of the
+network's convolutions, and the training losses logged at that iteration. ``--set KEY=VALUE`` changes one option of
+the copy that is trained (``train:warmup:optim:weight_decay=0``), to trace a variant against the shipped file.
+
+The network must return its illumination map (``forward(x, return_illumination=True)``, as ``BacklitUNet`` does).
+
+    python bench/trace_demo_run.py --backlight hazy --seed 2 [--iters 400] [--every 20] [--set KEY=VALUE ...]
+
+Writes ``bench/results/trace_<option file stem>_<backlight>_s<seed>[_<name>].json`` and ``.md``.
+"""
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_demo_robustness as robustness  # noqa: E402
+from basicsr.archs import build_network  # noqa: E402
+from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
+from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
+from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
+from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+LOSS_PATTERN = re.compile(r'(\w+/l_\w+): ([-+0-9.e]+)')
+ITER_PATTERN = re.compile(r'iter:\s*(\d+),')
+
+
+def set_option(options: dict, assignment: str) -> None:
+    """Apply ``a:b:c=value`` (value parsed as YAML) to nested ``options``; every key but the last must exist."""
+    if '=' not in assignment:
+        raise SystemExit(f'--set expects KEY=VALUE (keys joined by ":"), got {assignment!r}')
+    path, value = assignment.split('=', 1)
+    *parents, last = path.split(':')
+    node = options
+    for key in parents:
+        if not isinstance(node.get(key), dict):
+            raise SystemExit(f'--set {assignment}: the option file has no block {key!r} on that path')
+        node = node[key]
+    node[last] = yaml.safe_load(value)
+
+
+def logged_losses(log_file: Path) -> Dict[int, Dict[str, float]]:
+    """The losses of every logged iteration of a BasicSR training log, by iteration."""
+    losses = {}
+    for line in log_file.read_text().splitlines():
+        found = ITER_PATTERN.search(line)
+        if found:
+            losses[int(found.group(1))] = {name: float(value) for name, value in LOSS_PATTERN.findall(line)}
+    return losses
+
+
+def load_set(folder: Path) -> torch.Tensor:
+    """Every image of ``folder`` (sorted, equal sizes) as one float batch in [0, 1]."""
+    images = [robustness.load8(path) for path in sorted(folder.iterdir())]
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+
+
+def trace_checkpoint(network: torch.nn.Module, inputs: torch.Tensor, truths: torch.Tensor) -> dict:
+    """Validation PSNR, ``L`` over the inputs' darkest and brightest fifths, the convolutions' mean |weight|."""
+    with torch.no_grad():
+        output, light = network(inputs, return_illumination=True)
+    out8 = (output.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    gt8 = (truths * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    psnr = float(np.mean([calculate_psnr(o, g, crop_border=0) for o, g in zip(out8, gt8)]))
+    luma = robustness.luminance(inputs.permute(0, 2, 3, 1).numpy() * 255).reshape(len(inputs), -1)
+    light = light.mean(1).reshape(len(inputs), -1).numpy()
+    dark, bright = [], []
+    for lum, lit in zip(luma, light):
+        low, high = np.quantile(lum, 0.2), np.quantile(lum, 0.8)
+        dark.append(lit[lum <= low].mean())
+        bright.append(lit[lum >= high].mean())
+    weights = [p.detach().abs().flatten() for p in network.parameters() if p.dim() == 4]
+    return {'psnr': psnr, 'light_dark': float(np.mean(dark)), 'light_bright': float(np.mean(bright)),
+            'mean_abs_weight': float(torch.cat(weights).mean())}
+
+
+def render(result: dict) -> str:
+    """The markdown report of one trace."""
+    names = sorted({name for row in result['trace'] for name in row['losses']})
+    lines = ['# Trace of one demo run (`bench/trace_demo_run.py`)', '',
+             f'Option file `{result["opt"]}`, set `{result["backlight"]}` (`rave demo-data --backlight '
+             f'{result["backlight"]}`, seed 0, {result["size"]} px), training seed {result["seed"]}, '
+             f'{result["iters"]} iterations, changed options: {", ".join(result["changes"]) or "none"}. Machine: '
+             f'{result["machine"]}; training in a child process with 1 OpenMP thread. Validation input PSNR '
+             f'{result["input_psnr"]:.2f} dB.', '',
+             'L dark / bright: the mean illumination map over each validation input\'s darkest / brightest fifth of '
+             'pixels (luminance); mean abs weight: the mean absolute weight of the convolutions; losses as logged '
+             '(weighted).', '',
+             '| iteration | PSNR (dB) | L dark | L bright | mean abs weight | ' + ' | '.join(names) + ' |',
+             '|' + '---|' * (5 + len(names))]
+    for row in result['trace']:
+        losses = ' | '.join(f'{row["losses"][n]:.4g}' if n in row['losses'] else '' for n in names)
+        lines.append(f'| {row["iteration"]} | {row["psnr"]:.2f} | {row["light_dark"]:.3f} | {row["light_bright"]:.3f} '
+                     f'| {row["mean_abs_weight"]:.2e} | {losses} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--opt', default=str(robustness.DEFAULT_OPT), help='demo option file (a copy is trained)')
+    parser.add_argument('--backlight', default='hazy', choices=list(BACKLIGHT_MODELS))
+    parser.add_argument('--seed', type=int, default=0, help='training seed (manual_seed)')
+    parser.add_argument('--iters', type=int, help='total_iter (default: the option file\'s)')
+    parser.add_argument('--every', type=int, default=20, help='checkpoint interval in iterations')
+    parser.add_argument('--size', type=int, default=128, help='demo image side (rave demo-data --size)')
+    parser.add_argument('--set', dest='changes', action='append', default=[], metavar='KEY=VALUE',
+                        help='change one option of the trained copy, keys joined by ":" (repeatable)')
+    parser.add_argument('--name', default='', help='suffix of the results files (for a variant)')
+    parser.add_argument('--work', help='work folder (default: under the system temp folder)')
+    parser.add_argument('--out', default=str(RESULTS))
+    args = parser.parse_args(argv)
+
+    opt_path = Path(args.opt).resolve()
+    base = robustness.load_option_file(str(opt_path))
+    for change in args.changes:
+        set_option(base, change)
+    iters = args.iters or int(base['train']['total_iter'])
+    work = Path(args.work) if args.work else robustness.default_work(opt_path) / 'trace'
+    data_dir = work / 'data' / args.backlight
+    make_demo_data(str(data_dir), seed=0, size=args.size, backlight=args.backlight, overwrite=True)
+    name = f'trace_{opt_path.stem}_{args.backlight}_s{args.seed}' + (f'_{args.name}' if args.name else '')
+    options = robustness.run_options(base, data_dir, name, 1, args.seed)
+    options['train']['total_iter'] = iters
+    options['val']['val_freq'] = iters
+    options['logger']['save_checkpoint_freq'] = args.every
+    option_file = work / 'options' / f'{name}.yml'
+    option_file.parent.mkdir(parents=True, exist_ok=True)
+    option_file.write_text(yaml.safe_dump(options, sort_keys=False))
+    experiment = work / 'experiments' / name
+    if experiment.exists():
+        shutil.rmtree(experiment)
+    done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
+                          cwd=work, capture_output=True, text=True, env=robustness.single_thread_env())
+    if done.returncode != 0:
+        raise SystemExit(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
+
+    inputs, truths = load_set(data_dir / 'val_backlit'), load_set(data_dir / 'val_gt')
+    network = build_network(dict(options['network_g'])).eval()
+    losses = logged_losses(next(experiment.glob('train_*.log')))
+    trace = []
+    for iteration in range(args.every, iters + 1, args.every):
+        state = torch.load(experiment / 'models' / f'net_g_{iteration}.pth', map_location='cpu', weights_only=True)
+        network.load_state_dict(state.get('params', state))
+        trace.append({'iteration': iteration, **trace_checkpoint(network, inputs, truths),
+                      'losses': losses.get(iteration, {})})
+    in8 = (inputs * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    gt8 = (truths * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+    result = {'opt': robustness._shown_path(opt_path), 'backlight': args.backlight, 'seed': args.seed,
+              'iters': iters, 'size': args.size, 'changes': args.changes, 'machine': cpu_capability(),
+              'input_psnr': float(np.mean([calculate_psnr(i, g, crop_border=0) for i, g in zip(in8, gt8)])),
+              'trace': trace}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'{name}.json').write_text(json.dumps(result, indent=2))
+    (out / f'{name}.md').write_text(render(result))
+    print(render(result))
+
+
+if __name__ == '__main__':
+    main()
