@@ -146,10 +146,15 @@ def luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array(LUMA_WEIGHTS)
 
 
+def fifth_masks(luma: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The brightest and the darkest fifth of an image's pixels by luminance, as boolean masks."""
+    return luma >= np.quantile(luma, 0.8), luma <= np.quantile(luma, 0.2)
+
+
 def fifth_changes(inp: np.ndarray, out: np.ndarray) -> Dict[str, float]:
     """Mean luminance change (out - in, grey levels) over the input's brightest and darkest fifth of pixels."""
     luma_in, luma_out = luminance(inp), luminance(out)
-    bright, dark = luma_in >= np.quantile(luma_in, 0.8), luma_in <= np.quantile(luma_in, 0.2)
+    bright, dark = fifth_masks(luma_in)
     return {'bright': float(luma_out[bright].mean() - luma_in[bright].mean()),
             'dark': float(luma_out[dark].mean() - luma_in[dark].mean())}
 
@@ -245,21 +250,29 @@ def summarise(rows: List[dict]) -> dict:
                                                                        'dark_gt', 'texture_out', 'texture_gt')}}
 
 
-def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: int, seed: int,
-                    photos: Optional[Path]) -> dict:
-    """One run: ``basicsr train`` on the copied options, then enhance and score."""
+def train_copy(options: dict, work: Path) -> Path:
+    """``basicsr train`` on a copy of ``options`` (written to ``work/options``) in a child process with one OpenMP
+    thread, from ``work``; returns the experiment folder (an earlier one of the same name is removed first)."""
+    name = options['name']
     shutil.rmtree(work / 'experiments' / name, ignore_errors=True)
     option_file = work / 'options' / f'{name}.yml'
     option_file.parent.mkdir(parents=True, exist_ok=True)
-    options = run_options(base, data_dir, name, factor, seed)
     option_file.write_text(yaml.safe_dump(options, sort_keys=False))
-    load_before, started = os.getloadavg()[0], time.perf_counter()
     done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
                           cwd=work, capture_output=True, text=True, env=single_thread_env())
-    train_seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
-    experiment, enhanced = work / 'experiments' / name, work / 'enhanced' / name / 'val'
+    return work / 'experiments' / name
+
+
+def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: int, seed: int,
+                    photos: Optional[Path]) -> dict:
+    """One run: ``basicsr train`` on the copied options, then enhance and score."""
+    options = run_options(base, data_dir, name, factor, seed)
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    experiment = train_copy(options, work)
+    train_seconds = time.perf_counter() - started
+    enhanced = work / 'enhanced' / name / 'val'
     weights = experiment / 'models' / 'net_g_latest.pth'
     enhance(data_dir / 'val_backlit', enhanced, weights)
     rows = score_validation(data_dir, enhanced)

@@ -17,8 +17,6 @@ Writes ``bench/results/trace_<option file stem>_<backlight>_s<seed>[_<name>].jso
 import argparse
 import json
 import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -71,22 +69,29 @@ def load_set(folder: Path) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
 
 
-def trace_checkpoint(network: torch.nn.Module, inputs: torch.Tensor, truths: torch.Tensor) -> dict:
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """A [0, 1] batch ``[N, 3, H, W]`` as 8-bit ``[N, H, W, 3]`` images (rounded, as BasicSR's ``tensor2img``)."""
+    return (images.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
+
+
+def mean_psnr(images8: np.ndarray, truths8: np.ndarray) -> float:
+    """Mean PSNR (dB) of 8-bit images against their ground truths (BasicSR's ``calculate_psnr``, RGB)."""
+    return float(np.mean([calculate_psnr(image, truth, crop_border=0) for image, truth in zip(images8, truths8)]))
+
+
+def trace_checkpoint(network: torch.nn.Module, inputs: torch.Tensor, truths8: np.ndarray) -> dict:
     """Validation PSNR, ``L`` over the inputs' darkest and brightest fifths, the convolutions' mean |weight|."""
     with torch.no_grad():
         output, light = network(inputs, return_illumination=True)
-    out8 = (output.clamp(0, 1) * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    gt8 = (truths * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    psnr = float(np.mean([calculate_psnr(o, g, crop_border=0) for o, g in zip(out8, gt8)]))
     luma = robustness.luminance(inputs.permute(0, 2, 3, 1).numpy() * 255).reshape(len(inputs), -1)
     light = light.mean(1).reshape(len(inputs), -1).numpy()
     dark, bright = [], []
     for lum, lit in zip(luma, light):
-        low, high = np.quantile(lum, 0.2), np.quantile(lum, 0.8)
-        dark.append(lit[lum <= low].mean())
-        bright.append(lit[lum >= high].mean())
+        brightest, darkest = robustness.fifth_masks(lum)
+        dark.append(lit[darkest].mean())
+        bright.append(lit[brightest].mean())
     weights = [p.detach().abs().flatten() for p in network.parameters() if p.dim() == 4]
-    return {'psnr': psnr, 'light_dark': float(np.mean(dark)), 'light_bright': float(np.mean(bright)),
+    return {'psnr': mean_psnr(to_uint8(output), truths8), 'light_dark': float(np.mean(dark)), 'light_bright': float(np.mean(bright)),
             'mean_abs_weight': float(torch.cat(weights).mean())}
 
 
@@ -130,40 +135,32 @@ def main(argv: List[str] = None) -> None:
     base = robustness.load_option_file(str(opt_path))
     for change in args.changes:
         set_option(base, change)
-    iters = args.iters or int(base['train']['total_iter'])
+    if args.iters:
+        base['train']['total_iter'] = args.iters
+    iters = int(base['train']['total_iter'])
     work = Path(args.work) if args.work else robustness.default_work(opt_path) / 'trace'
     data_dir = work / 'data' / args.backlight
     make_demo_data(str(data_dir), seed=0, size=args.size, backlight=args.backlight, overwrite=True)
     name = f'trace_{opt_path.stem}_{args.backlight}_s{args.seed}' + (f'_{args.name}' if args.name else '')
     options = robustness.run_options(base, data_dir, name, 1, args.seed)
-    options['train']['total_iter'] = iters
-    options['val']['val_freq'] = iters
     options['logger']['save_checkpoint_freq'] = args.every
-    option_file = work / 'options' / f'{name}.yml'
-    option_file.parent.mkdir(parents=True, exist_ok=True)
-    option_file.write_text(yaml.safe_dump(options, sort_keys=False))
-    experiment = work / 'experiments' / name
-    if experiment.exists():
-        shutil.rmtree(experiment)
-    done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
-                          cwd=work, capture_output=True, text=True, env=robustness.single_thread_env())
-    if done.returncode != 0:
-        raise SystemExit(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
+    try:
+        experiment = robustness.train_copy(options, work)
+    except RuntimeError as error:
+        raise SystemExit(str(error))
 
-    inputs, truths = load_set(data_dir / 'val_backlit'), load_set(data_dir / 'val_gt')
+    inputs, truths8 = load_set(data_dir / 'val_backlit'), to_uint8(load_set(data_dir / 'val_gt'))
     network = build_network(dict(options['network_g'])).eval()
     losses = logged_losses(next(experiment.glob('train_*.log')))
     trace = []
     for iteration in range(args.every, iters + 1, args.every):
         state = torch.load(experiment / 'models' / f'net_g_{iteration}.pth', map_location='cpu', weights_only=True)
         network.load_state_dict(state.get('params', state))
-        trace.append({'iteration': iteration, **trace_checkpoint(network, inputs, truths),
+        trace.append({'iteration': iteration, **trace_checkpoint(network, inputs, truths8),
                       'losses': losses.get(iteration, {})})
-    in8 = (inputs * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
-    gt8 = (truths * 255).round().permute(0, 2, 3, 1).numpy().astype(np.uint8)
     result = {'opt': robustness._shown_path(opt_path), 'backlight': args.backlight, 'seed': args.seed,
               'iters': iters, 'size': args.size, 'changes': args.changes, 'machine': cpu_capability(),
-              'input_psnr': float(np.mean([calculate_psnr(i, g, crop_border=0) for i, g in zip(in8, gt8)])),
+              'input_psnr': mean_psnr(to_uint8(inputs), truths8),
               'trace': trace}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
