@@ -198,3 +198,38 @@ def test_trace_script_sets_nested_options_and_reads_the_losses_of_a_basicsr_log(
     assert trace['logged_losses'](log) == {
         100: {'warmup/l_id': 1.1091e-06, 'warmup/l_total': 1.1091e-06},
         120: {'guided/l_rave': 8.3984, 'guided/l_id': 6.5504e-03, 'guided/l_total': 8.4087}}
+
+
+def test_drift_checks_split_each_ground_truth_move_along_and_off_the_residual(tmp_path):
+    """demo_drift_checks' steps: the constant step is the residual's mean distance; each ground truth's move is split
+    into a part along the residual and one off it (Pythagoras), and the errors are the mean gaps to each step."""
+    import runpy
+
+    import numpy as np
+    import pytest
+    import torch
+    import torch.nn.functional as F
+
+    from rave_basicsr.data.demo_data import make_demo_data
+    from rave_basicsr.guidance.encoders import build_image_encoder
+    from rave_basicsr.utils.options import load_option_file
+
+    checks = runpy.run_path(str(REPO_ROOT / 'bench' / 'demo_drift_checks.py'), run_name='demo_drift_checks')
+    make_demo_data(str(tmp_path / 'data' / 'mild'), size=32, backlight='mild', n_train=6, n_welllit=6, n_val=3)
+    options = load_option_file(str(REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml'))
+    result = checks['steps_check'](options, tmp_path, ['mild'])['mild']
+    assert len(result['images']) == 3 and result['constant_step'] > 0
+    along = np.array([row['gt_along'] for row in result['images']])
+    adaptive = np.array([row['adaptive'] for row in result['images']])
+    assert result['error_constant'] == pytest.approx(np.abs(along - result['constant_step']).mean())
+    assert result['error_adaptive'] == pytest.approx(np.abs(along - adaptive).mean())
+    encoder = build_image_encoder(options['guidance_encoder'], role='guidance')
+    size = options['datasets']['train']['resize']
+    data = tmp_path / 'data' / 'mild'
+    with torch.no_grad():
+        for row in result['images']:
+            paths = (data / 'val_backlit' / f'{row["image"]}.png', data / 'val_gt' / f'{row["image"]}.png')
+            inp, truth = (F.normalize(encoder.encode_image(checks['as_batch'](checks['load_at'](path, size))), dim=-1)
+                          for path in paths)
+            move = float((truth - inp).norm())
+            assert row['gt_along'] ** 2 + row['gt_off_axis'] ** 2 == pytest.approx(move ** 2, rel=1e-4)
