@@ -63,6 +63,15 @@ def as_8bit(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.float64)
 
 
+def set_residual(encoder, options: dict, data: Path):
+    """The residual the demo's model computes for the set in ``data`` (its ``residual`` block's preprocessing and
+    batch size)."""
+    residual_opt = options.get('residual') or {}
+    return compute_residual(encoder, str(data / 'train_welllit'), str(data / 'train_backlit'),
+                            preprocess=residual_opt.get('preprocess'),
+                            batch_size=int(residual_opt.get('batch_size', 16)), progress=False)
+
+
 def scale_check(work: Path, runs: Sequence[str], sizes: Sequence[int]) -> Dict[str, dict]:
     """Per run and size: mean PSNR of input and output against the ground truth, and the per-image output PSNR."""
     results = {}
@@ -92,14 +101,11 @@ def steps_check(options: dict, work: Path, models: Sequence[str]) -> Dict[str, d
     """Per set: the residual's constant step and threshold, and per validation image the ground truth's move along
     the residual and off it, with the adaptive step."""
     encoder = build_image_encoder(options['guidance_encoder'], role='guidance', where='guidance_encoder')
-    residual_opt = options.get('residual') or {}
     size = int(options['datasets']['train']['resize'])
     results = {}
     for model in models:
         data = work / 'data' / model
-        vector = compute_residual(encoder, str(data / 'train_welllit'), str(data / 'train_backlit'),
-                                  preprocess=residual_opt.get('preprocess'),
-                                  batch_size=int(residual_opt.get('batch_size', 16)), progress=False)
+        vector = set_residual(encoder, options, data)
         direction, threshold = vector.residual.float(), float(vector.threshold)
         images = []
         with torch.no_grad():
@@ -126,16 +132,13 @@ def targets_check(options: dict, work: Path, runs: Sequence[str]) -> Dict[str, d
     """Per run: mean |output - target|, |output - ground truth|, |target - ground truth| and the output's move along
     the residual (normalised guidance embeddings at the training size; target = input + constant step · residual)."""
     encoder = build_image_encoder(options['guidance_encoder'], role='guidance', where='guidance_encoder')
-    residual_opt = options.get('residual') or {}
     size = int(options['datasets']['train']['resize'])
     vectors, results = {}, {}
     for run in runs:
         model = run.split('_x')[0]
         data = work / 'data' / model
         if model not in vectors:
-            vectors[model] = compute_residual(encoder, str(data / 'train_welllit'), str(data / 'train_backlit'),
-                                              preprocess=residual_opt.get('preprocess'),
-                                              batch_size=int(residual_opt.get('batch_size', 16)), progress=False)
+            vectors[model] = set_residual(encoder, options, data)
         direction, step = vectors[model].residual.float(), float(vectors[model].mean_distance)
         enhancer = Enhancer(load_enhancement_network(str(work / 'experiments' / run / 'models' / 'net_g_latest.pth')),
                             'fp32')
