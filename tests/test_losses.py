@@ -149,6 +149,23 @@ def test_translation_loss_hand_computation():
         ResidualTranslationLoss()(torch.tensor(E), torch.tensor(inputs[:2]), torch.tensor(residual), step)
 
 
+def test_translation_loss_weights_the_off_residual_part():
+    residual, step = [0.3, -0.2, 0.9], 0.25
+    inputs = [[0.2, 0.5, 0.1], [1.0, 0.0, 0.3], [0.4, 0.4, 0.4]]
+    r = unit(residual)
+    gaps = [[a - (b + step * c) for a, b, c in zip(unit(e), unit(x), r)] for e, x in zip(E, inputs)]
+    along = [sum(g * c for g, c in zip(gap, r)) for gap in gaps]
+    off = [sum(g * g for g in gap) - a * a for gap, a in zip(gaps, along)]
+    args = (torch.tensor(E), torch.tensor(inputs), torch.tensor(residual), step)
+    for weight in (0.0, 0.3, 1.0):
+        expected = sum(a * a + weight * o for a, o in zip(along, off)) / 3
+        loss = ResidualTranslationLoss(loss_weight=2, off_axis_weight=weight)(*args)
+        assert loss.item() == pytest.approx(2 * expected, rel=1e-5)
+    assert ResidualTranslationLoss(off_axis_weight=0.3)(*args) < ResidualTranslationLoss()(*args)
+    with pytest.raises(RaveError, match=r'"off_axis_weight" must lie in \[0, 1\], got 1.5'):
+        ResidualTranslationLoss(off_axis_weight=1.5)
+
+
 def test_illumination_smoothness_hand_computation():
     light = torch.tensor([[[[1.0, 0.5, 0.5], [0.25, 0.25, 1e-6]]], [[[0.8, 0.8, 0.8], [0.8, 0.8, 0.8]]]])
     log = [[math.log(1.0), math.log(0.5), math.log(0.5)], [math.log(0.25), math.log(0.25), math.log(1e-3)]]

@@ -258,12 +258,21 @@ class ResidualTranslationLoss(nn.Module):
     fixes every coordinate, from where the image starts: with ``step`` the distance of the two set means
     (``ResidualVector.mean_distance``) and an undebiased residual, ``step · v_residual`` is ``v_well_lit -
     v_backlit``, so each image is moved by the average backlit-to-well-lit change. docs/training.md, "The
-    translation loss", has the measurements."""
+    translation loss", has the measurements.
 
-    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean') -> None:
+    ``off_axis_weight`` (default 1: the whole squared distance) weights the part of ``n(e_b) - target`` orthogonal to
+    the residual against the part along it: below 1 the output may leave its input's off-residual coordinates (which
+    a ground truth does change, by as much as it moves along the residual on the demo sets), 0 fixes only the
+    position along the residual."""
+
+    def __init__(self, loss_weight: float = 1.0, reduction: str = 'mean', off_axis_weight: float = 1.0) -> None:
         super().__init__()
         self.loss_weight = _check_weight(loss_weight, 'ResidualTranslationLoss')
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'ResidualTranslationLoss')
+        weight = _check_weight(off_axis_weight, 'ResidualTranslationLoss off_axis_weight')
+        if not 0.0 <= weight <= 1.0:
+            raise RaveError(f'ResidualTranslationLoss: option "off_axis_weight" must lie in [0, 1], got {weight!r}.')
+        self.off_axis_weight = weight
 
     @float32_loss
     def forward(self, image_embeds: torch.Tensor, input_embeds: torch.Tensor, residual: torch.Tensor,
@@ -275,5 +284,9 @@ class ResidualTranslationLoss(nn.Module):
                             'and [D] of one encoder.')
         step = torch.as_tensor(step, dtype=torch.float32, device=residual.device)
         target = F.normalize(input_embeds.float(), dim=-1) + step * F.normalize(residual.float(), dim=0)
-        distance = (F.normalize(image_embeds.float(), dim=-1) - target).pow(2).sum(-1)
+        gap = F.normalize(image_embeds.float(), dim=-1) - target
+        distance = gap.pow(2).sum(-1)
+        if self.off_axis_weight != 1.0:  # |gap|² = along² + off²  ->  along² + w · off²
+            along = gap @ F.normalize(residual.float(), dim=0)
+            distance = self.off_axis_weight * distance + (1.0 - self.off_axis_weight) * along.pow(2)
         return self.loss_weight * _reduce(distance, self.reduction)
