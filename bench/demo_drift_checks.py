@@ -1,7 +1,7 @@
-"""Why a demo run trained longer can score lower: two checks that need no training.
+"""Why a demo run trained longer can score lower: three checks that need no training.
 
 ``bench_demo_robustness.py`` finds the RAVE demo's gain on ``mild`` 0.6-1.3 dB lower at 4× its length than at 1×.
-Two explanations can be checked from what a sweep leaves behind:
+Two explanations, and what the loss's target does, can be checked from what a sweep leaves behind:
 
 * ``scale``: the demo trains on whole images squash-resized to 64 px and is validated at the sets' 128 px, so a
   network that learns a size-specific local curve would lose at 128 px what it gains at 64. The sweep's final
@@ -28,7 +28,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,25 +63,46 @@ def as_8bit(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.float64)
 
 
-def set_residual(encoder, options: dict, data: Path):
-    """The residual the demo's model computes for the set in ``data`` (its ``residual`` block's preprocessing and
-    batch size)."""
-    residual_opt = options.get('residual') or {}
-    return compute_residual(encoder, str(data / 'train_welllit'), str(data / 'train_backlit'),
-                            preprocess=residual_opt.get('preprocess'),
-                            batch_size=int(residual_opt.get('batch_size', 16)), progress=False)
+class GuidanceSpace:
+    """The demo's guidance encoder at its training size, with each set's residual computed once (as the demo's
+    model computes it: its ``residual`` block's preprocessing and batch size)."""
+
+    def __init__(self, options: dict, work: Path) -> None:
+        self.encoder = build_image_encoder(options['guidance_encoder'], role='guidance', where='guidance_encoder')
+        self.size = int(options['datasets']['train']['resize'])
+        self.residual_opt = options.get('residual') or {}
+        self.work = work
+        self.residuals = {}
+
+    def residual(self, model: str):
+        """The ``ResidualVector`` of the set ``model`` in the work folder."""
+        if model not in self.residuals:
+            data = self.work / 'data' / model
+            self.residuals[model] = compute_residual(
+                self.encoder, str(data / 'train_welllit'), str(data / 'train_backlit'),
+                preprocess=self.residual_opt.get('preprocess'),
+                batch_size=int(self.residual_opt.get('batch_size', 16)), progress=False)
+        return self.residuals[model]
+
+    def embed(self, image: torch.Tensor) -> torch.Tensor:
+        """The normalised embedding ``[D]`` of one image ``[1, 3, H, W]``."""
+        with torch.no_grad():
+            return F.normalize(self.encoder.encode_image(image).float(), dim=-1)[0]
+
+
+def run_enhancer(work: Path, run: str) -> Tuple[Path, Enhancer]:
+    """A sweep run's data folder and its final checkpoint as an fp32 enhancer."""
+    weights = work / 'experiments' / run / 'models' / 'net_g_latest.pth'
+    if not weights.is_file():
+        raise SystemExit(f'run {run}: no checkpoint at {weights} (is --work the sweep\'s work folder?)')
+    return work / 'data' / run.split('_x')[0], Enhancer(load_enhancement_network(str(weights)), 'fp32')
 
 
 def scale_check(work: Path, runs: Sequence[str], sizes: Sequence[int]) -> Dict[str, dict]:
     """Per run and size: mean PSNR of input and output against the ground truth, and the per-image output PSNR."""
     results = {}
     for run in runs:
-        model = run.split('_x')[0]
-        data = work / 'data' / model
-        weights = work / 'experiments' / run / 'models' / 'net_g_latest.pth'
-        if not weights.is_file():
-            raise SystemExit(f'--runs {run}: no checkpoint at {weights} (is --work the sweep\'s work folder?)')
-        enhancer = Enhancer(load_enhancement_network(str(weights)), 'fp32')
+        data, enhancer = run_enhancer(work, run)
         results[run] = {}
         for size in sizes:
             rows = []
@@ -97,26 +118,23 @@ def scale_check(work: Path, runs: Sequence[str], sizes: Sequence[int]) -> Dict[s
     return results
 
 
-def steps_check(options: dict, work: Path, models: Sequence[str]) -> Dict[str, dict]:
+def steps_check(space: GuidanceSpace, models: Sequence[str]) -> Dict[str, dict]:
     """Per set: the residual's constant step and threshold, and per validation image the ground truth's move along
     the residual and off it, with the adaptive step."""
-    encoder = build_image_encoder(options['guidance_encoder'], role='guidance', where='guidance_encoder')
-    size = int(options['datasets']['train']['resize'])
     results = {}
     for model in models:
-        data = work / 'data' / model
-        vector = set_residual(encoder, options, data)
+        data = space.work / 'data' / model
+        vector = space.residual(model)
         direction, threshold = vector.residual.float(), float(vector.threshold)
         images = []
-        with torch.no_grad():
-            for truth_path in sorted((data / 'val_gt').iterdir()):
-                inp, truth = (F.normalize(encoder.encode_image(as_batch(load_at(path, size))).float(), dim=-1)[0]
-                              for path in (data / 'val_backlit' / truth_path.name, truth_path))
-                move = truth - inp
-                along = float(move @ direction)
-                images.append({'image': truth_path.stem, 'gt_along': along,
-                               'gt_off_axis': float((move - along * direction).norm()),
-                               'adaptive': max(0.0, threshold - float(inp @ direction))})
+        for truth_path in sorted((data / 'val_gt').iterdir()):
+            inp, truth = (space.embed(as_batch(load_at(path, space.size)))
+                          for path in (data / 'val_backlit' / truth_path.name, truth_path))
+            move = truth - inp
+            along = float(move @ direction)
+            images.append({'image': truth_path.stem, 'gt_along': along,
+                           'gt_off_axis': float((move - along * direction).norm()),
+                           'adaptive': max(0.0, threshold - float(inp @ direction))})
         along = np.array([r['gt_along'] for r in images])
         adaptive = np.array([r['adaptive'] for r in images])
         constant = float(vector.mean_distance)
@@ -128,30 +146,23 @@ def steps_check(options: dict, work: Path, models: Sequence[str]) -> Dict[str, d
     return results
 
 
-def targets_check(options: dict, work: Path, runs: Sequence[str]) -> Dict[str, dict]:
+def targets_check(space: GuidanceSpace, runs: Sequence[str]) -> Dict[str, dict]:
     """Per run: mean |output - target|, |output - ground truth|, |target - ground truth| and the output's move along
     the residual (normalised guidance embeddings at the training size; target = input + constant step · residual)."""
-    encoder = build_image_encoder(options['guidance_encoder'], role='guidance', where='guidance_encoder')
-    size = int(options['datasets']['train']['resize'])
-    vectors, results = {}, {}
+    results = {}
     for run in runs:
-        model = run.split('_x')[0]
-        data = work / 'data' / model
-        if model not in vectors:
-            vectors[model] = set_residual(encoder, options, data)
-        direction, step = vectors[model].residual.float(), float(vectors[model].mean_distance)
-        enhancer = Enhancer(load_enhancement_network(str(work / 'experiments' / run / 'models' / 'net_g_latest.pth')),
-                            'fp32')
+        data, enhancer = run_enhancer(space.work, run)
+        vector = space.residual(data.name)
+        direction, step = vector.residual.float(), float(vector.mean_distance)
         rows = []
-        with torch.no_grad():
-            for truth_path in sorted((data / 'val_gt').iterdir()):
-                inp = as_batch(load_at(data / 'val_backlit' / truth_path.name, size))
-                truth, out = as_batch(load_at(truth_path, size)), enhancer.enhance(inp, 0)
-                e_in, e_gt, e_out = (F.normalize(encoder.encode_image(x).float(), dim=-1)[0] for x in (inp, truth, out))
-                target = e_in + step * direction
-                rows.append([float((e_out - target).norm()), float((e_out - e_gt).norm()),
-                             float((target - e_gt).norm()), float((e_out - e_in) @ direction),
-                             float((e_gt - e_in) @ direction)])
+        for truth_path in sorted((data / 'val_gt').iterdir()):
+            inp = as_batch(load_at(data / 'val_backlit' / truth_path.name, space.size))
+            truth, out = as_batch(load_at(truth_path, space.size)), enhancer.enhance(inp, 0)
+            e_in, e_gt, e_out = (space.embed(x) for x in (inp, truth, out))
+            target = e_in + step * direction
+            rows.append([float((e_out - target).norm()), float((e_out - e_gt).norm()),
+                         float((target - e_gt).norm()), float((e_out - e_in) @ direction),
+                         float((e_gt - e_in) @ direction)])
         means = np.array(rows).mean(0)
         results[run] = dict(zip(('out_to_target', 'out_to_gt', 'target_to_gt', 'out_along', 'gt_along'),
                                 means.tolist()))
@@ -211,11 +222,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)
-    options = load_option_file(args.opt)
+    space = GuidanceSpace(load_option_file(args.opt), work)
     results = {'opt': robustness._shown_path(Path(args.opt).resolve()), 'processor': cpu_capability(),
                'sizes': args.sizes, 'scale': scale_check(work, args.runs, args.sizes),
-               'steps': steps_check(options, work, args.models),
-               'targets': targets_check(options, work, args.target_runs)}
+               'steps': steps_check(space, args.models),
+               'targets': targets_check(space, args.target_runs)}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f'{args.name}.json').write_text(json.dumps(results, indent=2))
     (RESULTS / f'{args.name}.md').write_text(markdown(results))

@@ -91,8 +91,8 @@ def trace_checkpoint(network: torch.nn.Module, inputs: torch.Tensor, truths8: np
         dark.append(lit[darkest].mean())
         bright.append(lit[brightest].mean())
     weights = [p.detach().abs().flatten() for p in network.parameters() if p.dim() == 4]
-    return {'psnr': mean_psnr(to_uint8(output), truths8), 'light_dark': float(np.mean(dark)), 'light_bright': float(np.mean(bright)),
-            'mean_abs_weight': float(torch.cat(weights).mean())}
+    return {'psnr': mean_psnr(to_uint8(output), truths8), 'light_dark': float(np.mean(dark)),
+            'light_bright': float(np.mean(bright)), 'mean_abs_weight': float(torch.cat(weights).mean())}
 
 
 def render(result: dict) -> str:

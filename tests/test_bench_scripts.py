@@ -217,7 +217,7 @@ def test_drift_checks_split_each_ground_truth_move_along_and_off_the_residual(tm
     checks = runpy.run_path(str(REPO_ROOT / 'bench' / 'demo_drift_checks.py'), run_name='demo_drift_checks')
     make_demo_data(str(tmp_path / 'data' / 'mild'), size=32, backlight='mild', n_train=6, n_welllit=6, n_val=3)
     options = load_option_file(str(REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml'))
-    result = checks['steps_check'](options, tmp_path, ['mild'])['mild']
+    result = checks['steps_check'](checks['GuidanceSpace'](options, tmp_path), ['mild'])['mild']
     assert len(result['images']) == 3 and result['constant_step'] > 0
     along = np.array([row['gt_along'] for row in result['images']])
     adaptive = np.array([row['adaptive'] for row in result['images']])
