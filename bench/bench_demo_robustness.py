@@ -33,9 +33,12 @@ options are reused (:func:`options_digest`: the parsed options without ``name``,
 do not count) on the same data (:func:`same_data`; every set is regenerated first), so a sweep can be run in parts
 (``--fresh`` starts over). Each run records its CPU (figures differ between CPUs; the report names every one) and,
 as training seconds are wall time on a possibly shared machine, the 1-minute load average before and after it.
+``--one-run-per-seed`` trains each set and seed once, at the longest length, and scores its checkpoints at the shorter
+lengths as their runs (:func:`train_and_score`: the same networks, bit for bit, for 4 instead of 7 times the 1×
+training of a 1×/2×/4× sweep).
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
-        [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--rescore] [--jobs 2]
+        [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--rescore] [--jobs 2] [--one-run-per-seed]
 """
 import argparse
 import copy
@@ -49,6 +52,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -104,15 +108,17 @@ def _with_data(value, data_dir: Path):
     return value
 
 
-def run_options(base: dict, data_dir: Path, name: str, factor: int, seed: int) -> dict:
+def run_options(base: dict, data_dir: Path, name: str, factor: int, seed: int,
+                checkpoint_every: Optional[int] = None) -> dict:
     """A copy of the option file's options for one run: data in ``data_dir``, ``total_iter`` × ``factor``, seed
-    ``seed``, one validation and one checkpoint at the end, no TensorBoard."""
+    ``seed``, one validation at the end, no TensorBoard; a checkpoint at the end, or every ``checkpoint_every``
+    iterations (the shorter lengths of a :func:`train_and_score` run)."""
     options = _with_data(copy.deepcopy(base), data_dir)
     total = int(base['train']['total_iter']) * factor
     options.update(name=name, manual_seed=seed)
     options['train']['total_iter'] = total
     options['val']['val_freq'] = total
-    options['logger'].update(save_checkpoint_freq=total, use_tb_logger=False)
+    options['logger'].update(save_checkpoint_freq=checkpoint_every or total, use_tb_logger=False)
     return options
 
 
@@ -265,28 +271,65 @@ def train_copy(options: dict, work: Path) -> Path:
     return work / 'experiments' / name
 
 
-def train_and_score(base: dict, data_dir: Path, work: Path, name: str, factor: int, seed: int,
-                    photos: Optional[Path]) -> dict:
-    """One run: ``basicsr train`` on the copied options, then enhance and score."""
-    options = run_options(base, data_dir, name, factor, seed)
+def score_checkpoint(base: dict, options: dict, experiment: Path, iteration: Optional[int], data_dir: Path,
+                     enhanced: Path, photos: Optional[Path]) -> dict:
+    """Enhance and score the validation images (and the photos) with one checkpoint of a run: ``net_g_{iteration}``,
+    or ``net_g_latest`` for ``None``."""
+    label = 'latest' if iteration is None else str(iteration)
+    weights = experiment / 'models' / f'net_g_{label}.pth'
+    enhance(data_dir / 'val_backlit', enhanced / 'val', weights)
+    rows = score_validation(data_dir, enhanced / 'val')
+    result = {'summary': summarise(rows), 'images': rows}
+    if base.get('model_type') == 'CLIPLITModel':
+        result['well_lit'] = well_lit_probabilities(
+            options, experiment, {'input': data_dir / 'val_backlit', 'output': enhanced / 'val',
+                                  'gt': data_dir / 'val_gt'}, checkpoint=label)
+    if photos is not None:
+        enhance(photos, enhanced / 'photos', weights)
+        result['photos'], photo_summary = score_photo_outputs(photos, enhanced / 'photos')
+        result['summary'].update(photo_summary)
+    return result
+
+
+def seconds_to_checkpoints(log_file: Path) -> List[float]:
+    """Seconds from the start of training to each checkpoint save, in order, from a BasicSR training log."""
+    stamps = []
+    for line in log_file.read_text().splitlines():
+        if 'Start training from' in line or 'Saving models and training states' in line:
+            stamps.append(datetime.strptime(line[:23], '%Y-%m-%d %H:%M:%S,%f'))
+    return [(stamp - stamps[0]).total_seconds() for stamp in stamps[1:]]
+
+
+def train_and_score(base: dict, data_dir: Path, work: Path, model: str, factors: List[int], seed: int,
+                    photos: Optional[Path]) -> Dict[str, dict]:
+    """The runs of one set and seed at the lengths ``factors``, by run key, from one ``basicsr train`` (in a child
+    process, on the copied options): the longest length is trained with a checkpoint at every multiple of the 1×
+    ``total_iter``, and each length is scored (enhanced by ``rave enhance``) with its checkpoint. Exact, not an
+    approximation: the run options change only ``total_iter`` (and the validation and checkpoint cadence), nothing
+    in training depends on it (the warm-up keeps its length, a scheduler's milestones are iterations), and the final
+    validation of a shorter run comes after its last step, so a shorter run is the first part of a longer one
+    (checked by a test, bit for bit). A shorter run's train s is its part of the longer run's log (from the start of
+    training to its checkpoint)."""
+    longest = max(factors)
+    unit = int(base['train']['total_iter'])
+    name = run_key(model, longest, seed)
+    options = run_options(base, data_dir, name, longest, seed, checkpoint_every=unit)
     load_before, started = os.getloadavg()[0], time.perf_counter()
     experiment = train_copy(options, work)
     train_seconds = time.perf_counter() - started
-    enhanced = work / 'enhanced' / name / 'val'
-    weights = experiment / 'models' / 'net_g_latest.pth'
-    enhance(data_dir / 'val_backlit', enhanced, weights)
-    rows = score_validation(data_dir, enhanced)
-    result = {'train_seconds': train_seconds, 'load_average': [load_before, os.getloadavg()[0]],
-              'total_iter': int(base['train']['total_iter']) * factor,
-              'summary': summarise(rows), 'images': rows}
-    if base.get('model_type') == 'CLIPLITModel':
-        result['well_lit'] = well_lit_probabilities(
-            options, experiment, {'input': data_dir / 'val_backlit', 'output': enhanced, 'gt': data_dir / 'val_gt'})
-    if photos is not None:
-        enhance(photos, work / 'enhanced' / name / 'photos', weights)
-        result['photos'], photo_summary = score_photo_outputs(photos, work / 'enhanced' / name / 'photos')
-        result['summary'].update(photo_summary)
-    return result
+    load = [load_before, os.getloadavg()[0]]
+    to_checkpoint = seconds_to_checkpoints(next(experiment.glob(f'train_{name}_*.log')))
+    results = {}
+    for factor in sorted(factors):
+        key = run_key(model, factor, seed)
+        iteration = None if factor == longest else unit * factor
+        seconds = train_seconds if factor == longest else to_checkpoint[factor - 1]
+        results[key] = {'model': model, 'factor': factor, 'seed': seed, 'train_seconds': seconds,
+                        'load_average': load, 'total_iter': unit * factor,
+                        **({} if factor == longest else {'part_of': name}),
+                        **score_checkpoint(base, options, experiment, iteration, data_dir, work / 'enhanced' / key,
+                                           photos)}
+    return results
 
 
 def rescore(run: dict, data_dir: Path, enhanced: Path, photos: Optional[Path]) -> bool:
@@ -392,7 +435,9 @@ def markdown(results: dict) -> str:
              '(train s: wall time, on a shared machine where the runs record a load average). Data: '
              f'`rave demo-data --backlight NAME` (seed 0, {s["size"]} px, {s["n_val"]} validation images); '
              'lengths are total_iter × factor (the warm-up keeps its length); enhancement by `rave enhance` '
-             '(fp32) with the final checkpoint.', '',
+             '(fp32) with the final checkpoint; a run marked "in 4× run" is that longer run\'s checkpoint at its '
+             'length (the same network as a run of its own: `--one-run-per-seed`), its train s the longer run\'s '
+             'time to it.', '',
              'PSNR is the mean over the validation images against the ground truth (dB); bright / dark: mean '
              'luminance change (grey levels, output − input) over the input\'s brightest / darkest fifth of pixels, '
              'the ground truth\'s own change in brackets (the right answer on these synthetic sets); texture: the '
@@ -427,6 +472,8 @@ def markdown(results: dict) -> str:
         well_lit = '' if not with_pair else ' {input:.2f} → {output:.2f} ({gt:.2f}) |'.format(**run['well_lit'])
         per_image = ' '.join(f'{r["psnr_out"]:.1f}' for r in run['images'])
         load = '' if 'load_average' not in run else ' (load {:.1f}/{:.1f})'.format(*run['load_average'])
+        if 'part_of' in run:
+            load = f' (in {runs[run["part_of"]]["factor"]}× run)' if run['part_of'] in runs else ' (in a longer run)'
         seed = f'{run["seed"]} ({machine_tag(runs, run)})' if tagged else run['seed']
         lines.append(f'| {run["model"]} | {run["factor"]}× | {seed} | {run["total_iter"]} | '
                      f'{run["train_seconds"]:.0f}{load} | {m["psnr_in"]:.2f} → {m["psnr_out"]:.2f} | '
@@ -476,6 +523,9 @@ def main() -> None:
                              'added); runs whose outputs are gone or differ keep their scores')
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at once (each trains with one thread; train s then counts a shared machine)')
+    parser.add_argument('--one-run-per-seed', action='store_true',
+                        help='train only the longest length per set and seed, and score its checkpoints at the '
+                             'shorter lengths as their runs (the same networks: train_and_score)')
     args = parser.parse_args()
     if args.quick:
         args.models, args.lengths, args.seeds = ['mild'], [1], [0]
@@ -539,22 +589,22 @@ def main() -> None:
             print(f'{key}: ' + ('rescored' if done else 'kept as it was (its outputs are missing from the work '
                                                         'folder, or are not this run\'s)'))
     results['ceilings'] = {model: ceiling_psnr(work / 'data' / model) for model in reported_models()}
-    todo = [(model, factor, seed) for seed in args.seeds for factor in args.lengths for model in args.models
-            if run_key(model, factor, seed) not in runs]
-    # each run is a child process with one thread: --jobs runs that many at once (results are saved in the main
+    missing = {(model, seed): [factor for factor in args.lengths if run_key(model, factor, seed) not in runs]
+               for seed in args.seeds for model in args.models}
+    # one training per set and seed when --one-run-per-seed, otherwise one per length
+    todo = [(model, group, seed) for (model, seed), factors in missing.items()
+            for group in ([factors] if args.one_run_per_seed else [[factor] for factor in factors]) if group]
+    # each training is a child process with one thread: --jobs runs that many at once (results are saved in the main
     # thread as each finishes, so an interrupted sweep keeps what has finished)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        pending = {pool.submit(train_and_score, base, work / 'data' / model, work, run_key(model, factor, seed),
-                               factor, seed, photos): (model, factor, seed) for model, factor, seed in todo}
-        for future in as_completed(pending):
-            model, factor, seed = pending[future]
-            key, result = run_key(model, factor, seed), future.result()
-            runs[key] = {'model': model, 'factor': factor, 'seed': seed, 'processor': results['machine']['processor'],
-                         **result}
-            m = result['summary']
-            print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
-                  f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',
-                  flush=True)
+        for future in as_completed([pool.submit(train_and_score, base, work / 'data' / model, work, model, factors,
+                                                seed, photos) for model, factors, seed in todo]):
+            for key, result in future.result().items():
+                runs[key] = {**result, 'processor': results['machine']['processor']}
+                m = result['summary']
+                print(f'{key}: {m["psnr_in"]:.2f} -> {m["psnr_out"]:.2f} dB, {100 * m["improved"]:.0f} % improved, '
+                      f'bright {m["bright_out"]:+.1f} (gt {m["bright_gt"]:+.1f}), {result["train_seconds"]:.0f} s',
+                      flush=True)
             save()
     save()
     print((out / f'{name}.md').read_text())

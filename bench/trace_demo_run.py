@@ -32,6 +32,7 @@ from basicsr.archs import build_network  # noqa: E402
 from basicsr.metrics.psnr_ssim import calculate_psnr  # noqa: E402
 from rave_basicsr.data.backlight_models import BACKLIGHT_MODELS  # noqa: E402
 from rave_basicsr.data.demo_data import make_demo_data  # noqa: E402
+from rave_basicsr.utils.checkpoint import read_state_dict  # noqa: E402
 from rave_basicsr.utils.hardware import cpu_capability  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -154,8 +155,8 @@ def main(argv: List[str] = None) -> None:
     losses = logged_losses(next(experiment.glob('train_*.log')))
     trace = []
     for iteration in range(args.every, iters + 1, args.every):
-        state = torch.load(experiment / 'models' / f'net_g_{iteration}.pth', map_location='cpu', weights_only=True)
-        network.load_state_dict(state.get('params', state))
+        # the weights inference uses: the EMA copy when the run keeps one (train:ema_decay > 0)
+        network.load_state_dict(read_state_dict(experiment / 'models' / f'net_g_{iteration}.pth'))
         trace.append({'iteration': iteration, **trace_checkpoint(network, inputs, truths8),
                       'losses': losses.get(iteration, {})})
     result = {'opt': robustness._shown_path(opt_path), 'backlight': args.backlight, 'seed': args.seed,

@@ -45,15 +45,17 @@ def clip_lit_options(name: str, data: dict, guidance: str = 'latent', total_iter
     return options
 
 
-def well_lit_probabilities(options: dict, experiment: Path, folders: Dict[str, Path]) -> Dict[str, float]:
-    """A CLIP-LIT / CLIP-LIT-Latent run's final pair judging images: per folder, the mean probability of the
-    well-lit member (``softmax(100 · cos)``, the model's guidance score). Built as ``basicsr test`` builds the
-    model, from the run's options and its saved ``net_g_latest.pth`` and ``guidance_latest.pth``."""
+def well_lit_probabilities(options: dict, experiment: Path, folders: Dict[str, Path],
+                           checkpoint: str = 'latest') -> Dict[str, float]:
+    """A CLIP-LIT / CLIP-LIT-Latent run's pair judging images: per folder, the mean probability of the well-lit
+    member (``softmax(100 · cos)``, the model's guidance score). Built as ``basicsr test`` builds the model, from the
+    run's options and its saved ``net_g_{checkpoint}.pth`` and ``guidance_{checkpoint}.pth`` (the final pair by
+    default; an iteration for an earlier one)."""
     models = experiment / 'models'
     opt = copy.deepcopy(options)
     opt.pop('train')
-    opt['path'].update(pretrain_network_g=str(models / 'net_g_latest.pth'),
-                       pretrain_network_guidance=str(models / 'guidance_latest.pth'))
+    opt['path'].update(pretrain_network_g=str(models / f'net_g_{checkpoint}.pth'),
+                       pretrain_network_guidance=str(models / f'guidance_{checkpoint}.pth'))
     model = build_model(model_options(opt, experiment / 'well_lit_probabilities', is_train=False))
     model.guidance_direction()  # loads the saved pair
     encoder = model.encoder('guidance_encoder')

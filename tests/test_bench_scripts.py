@@ -233,3 +233,33 @@ def test_drift_checks_split_each_ground_truth_move_along_and_off_the_residual(tm
                           for path in paths)
             move = float((truth - inp).norm())
             assert row['gt_along'] ** 2 + row['gt_off_axis'] ** 2 == pytest.approx(move ** 2, rel=1e-4)
+
+
+def test_one_run_per_seed_scores_the_same_networks_as_runs_of_their_own(tmp_path):
+    """bench_demo_robustness --one-run-per-seed scores a shorter length with the longer run's checkpoint at its
+    iteration: that network must be the shorter run's own, bit for bit (the shipped demo options, shortened)."""
+    import runpy
+
+    import torch
+
+    from rave_basicsr.data.demo_data import make_demo_data
+    from rave_basicsr.utils.options import load_option_file
+
+    bench = runpy.run_path(str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py'), run_name='bench_demo_robustness')
+    data, work = tmp_path / 'data' / 'mild', tmp_path / 'work'
+    make_demo_data(str(data), seed=0, size=32, n_train=4, n_welllit=4, n_val=2, backlight='mild')
+    base = load_option_file(str(REPO_ROOT / 'options' / 'demo' / 'train_rave_demo.yml'))
+    base['train']['total_iter'] = 5
+    base['train']['warmup'].update(iters=2, reinit_after=1, reinit_window=1, reinit_extend=1)
+    alone = bench['train_and_score'](base, data, work, 'mild', [1], 0, None)
+    own = torch.load(work / 'experiments' / 'mild_x1_s0' / 'models' / 'net_g_latest.pth', weights_only=True)
+    both = bench['train_and_score'](base, data, work, 'mild', [1, 2], 0, None)
+    models = work / 'experiments' / 'mild_x2_s0' / 'models'
+    part = torch.load(models / 'net_g_5.pth', weights_only=True)
+    assert sorted(both) == ['mild_x1_s0', 'mild_x2_s0'] and both['mild_x1_s0']['part_of'] == 'mild_x2_s0'
+    assert own['params'].keys() == part['params'].keys()
+    assert all(torch.equal(own['params'][name], part['params'][name]) for name in own['params'])
+    final = torch.load(models / 'net_g_latest.pth', weights_only=True)['params']
+    assert not all(torch.equal(final[name], part['params'][name]) for name in final)  # it trained on after 5
+    assert both['mild_x1_s0']['images'] == alone['mild_x1_s0']['images']
+    assert 0 < both['mild_x1_s0']['train_seconds'] < both['mild_x2_s0']['train_seconds']
