@@ -11,6 +11,7 @@ the copy that is trained (``train:warmup:optim:weight_decay=0``), to trace a var
 The network must return its illumination map (``forward(x, return_illumination=True)``, as ``BacklitUNet`` does).
 
     python bench/trace_demo_run.py --backlight hazy --seed 2 [--iters 400] [--every 20] [--set KEY=VALUE ...]
+        [--ema 0.99 0.98] [--no-train]
 
 Writes ``bench/results/trace_<option file stem>_<backlight>_s<seed>[_<name>].json`` and ``.md``.
 """
@@ -96,9 +97,27 @@ def trace_checkpoint(network: torch.nn.Module, inputs: torch.Tensor, truths8: np
             'light_bright': float(np.mean(bright)), 'mean_abs_weight': float(torch.cat(weights).mean())}
 
 
+def ema_rows(states: List[Dict[str, torch.Tensor]], every: int, decays: List[float]) -> Dict[str, List[dict]]:
+    """The exponential moving averages of a run's checkpoint weights (``states``, ``every`` iterations apart, from
+    the first): for each per-iteration ``decay``, the average after each checkpoint, updated once per checkpoint with
+    ``decay ** every``. It approximates BasicSR's ``train:ema_decay`` (updated every iteration) without training
+    again, as if the weights stayed at each checkpoint for the ``every`` iterations before it; the finer the
+    checkpoints against the average's span (``1 / (1 - decay)`` iterations), the closer."""
+    averages = {}
+    for decay in decays:
+        keep, average, series = decay ** every, None, []
+        for state in states:
+            average = ({k: v.clone() for k, v in state.items()} if average is None
+                       else {k: keep * average[k] + (1 - keep) * state[k] for k in state})
+            series.append(average)
+        averages[f'{decay:g}'] = series
+    return averages
+
+
 def render(result: dict) -> str:
     """The markdown report of one trace."""
     names = sorted({name for row in result['trace'] for name in row['losses']})
+    decays = list(result['trace'][0].get('ema_psnr', {})) if result['trace'] else []
     lines = ['# Trace of one demo run (`bench/trace_demo_run.py`)', '',
              f'Option file `{result["opt"]}`, set `{result["backlight"]}` (`rave demo-data --backlight '
              f'{result["backlight"]}`, seed 0, {result["size"]} px), training seed {result["seed"]}, '
@@ -107,13 +126,17 @@ def render(result: dict) -> str:
              f'{result["input_psnr"]:.2f} dB.', '',
              'L dark / bright: the mean illumination map over each validation input\'s darkest / brightest fifth of '
              'pixels (luminance); mean abs weight: the mean absolute weight of the convolutions; losses as logged '
-             '(weighted).', '',
-             '| iteration | PSNR (dB) | L dark | L bright | mean abs weight | ' + ' | '.join(names) + ' |',
-             '|' + '---|' * (5 + len(names))]
+             '(weighted).' + (' EMA d: the PSNR of the moving average of the checkpoints\' weights with per-iteration '
+                              'decay d, updated once per checkpoint (`ema_rows`: an estimate of train:ema_decay d).'
+                              if decays else ''), '',
+             '| iteration | PSNR (dB) | ' + ''.join(f'EMA {d} | ' for d in decays)
+             + 'L dark | L bright | mean abs weight | ' + ' | '.join(names) + ' |',
+             '|' + '---|' * (5 + len(decays) + len(names))]
     for row in result['trace']:
         losses = ' | '.join(f'{row["losses"][n]:.4g}' if n in row['losses'] else '' for n in names)
-        lines.append(f'| {row["iteration"]} | {row["psnr"]:.2f} | {row["light_dark"]:.3f} | {row["light_bright"]:.3f} '
-                     f'| {row["mean_abs_weight"]:.2e} | {losses} |')
+        ema = ''.join(f'{row["ema_psnr"][d]:.2f} | ' for d in decays)
+        lines.append(f'| {row["iteration"]} | {row["psnr"]:.2f} | {ema}{row["light_dark"]:.3f} | '
+                     f'{row["light_bright"]:.3f} | {row["mean_abs_weight"]:.2e} | {losses} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -127,6 +150,11 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--size', type=int, default=128, help='demo image side (rave demo-data --size)')
     parser.add_argument('--set', dest='changes', action='append', default=[], metavar='KEY=VALUE',
                         help='change one option of the trained copy, keys joined by ":" (repeatable)')
+    parser.add_argument('--ema', nargs='+', type=float, default=[], metavar='DECAY',
+                        help='also score the moving averages of the checkpoints\' weights with these per-iteration '
+                             'decays (ema_rows: train:ema_decay estimated without training it)')
+    parser.add_argument('--no-train', action='store_true',
+                        help='score the checkpoints of this trace\'s earlier run in --work again (no training)')
     parser.add_argument('--name', default='', help='suffix of the results files (for a variant)')
     parser.add_argument('--work', help='work folder (default: under the system temp folder)')
     parser.add_argument('--out', default=str(RESULTS))
@@ -145,20 +173,34 @@ def main(argv: List[str] = None) -> None:
     name = f'trace_{opt_path.stem}_{args.backlight}_s{args.seed}' + (f'_{args.name}' if args.name else '')
     options = robustness.run_options(base, data_dir, name, 1, args.seed)
     options['logger']['save_checkpoint_freq'] = args.every
-    try:
-        experiment = robustness.train_copy(options, work)
-    except RuntimeError as error:
-        raise SystemExit(str(error))
+    if args.ema and float(base['train'].get('ema_decay') or 0) > 0:
+        raise SystemExit('--ema estimates a moving average from a run without one; this run keeps its own '
+                         '(train:ema_decay > 0): trace it without --ema')
+    experiment = work / 'experiments' / name
+    if args.no_train:
+        if not (experiment / 'models' / f'net_g_{iters}.pth').is_file():
+            raise SystemExit(f'--no-train: {experiment} has no checkpoint net_g_{iters}.pth; run the trace first')
+    else:
+        try:
+            experiment = robustness.train_copy(options, work)
+        except RuntimeError as error:
+            raise SystemExit(str(error))
 
     inputs, truths8 = load_set(data_dir / 'val_backlit'), to_uint8(load_set(data_dir / 'val_gt'))
     network = build_network(dict(options['network_g'])).eval()
     losses = logged_losses(next(experiment.glob('train_*.log')))
+    iterations = list(range(args.every, iters + 1, args.every))
+    # the weights inference uses: the EMA copy when the run keeps one (train:ema_decay > 0)
+    states = [read_state_dict(experiment / 'models' / f'net_g_{iteration}.pth') for iteration in iterations]
     trace = []
-    for iteration in range(args.every, iters + 1, args.every):
-        # the weights inference uses: the EMA copy when the run keeps one (train:ema_decay > 0)
-        network.load_state_dict(read_state_dict(experiment / 'models' / f'net_g_{iteration}.pth'))
+    for iteration, state in zip(iterations, states):
+        network.load_state_dict(state)
         trace.append({'iteration': iteration, **trace_checkpoint(network, inputs, truths8),
                       'losses': losses.get(iteration, {})})
+    for decay, series in ema_rows(states, args.every, args.ema).items():
+        for row, state in zip(trace, series):
+            network.load_state_dict(state)
+            row.setdefault('ema_psnr', {})[decay] = trace_checkpoint(network, inputs, truths8)['psnr']
     result = {'opt': robustness._shown_path(opt_path), 'backlight': args.backlight, 'seed': args.seed,
               'iters': iters, 'size': args.size, 'changes': args.changes, 'machine': cpu_capability(),
               'input_psnr': mean_psnr(to_uint8(inputs), truths8),

@@ -200,6 +200,23 @@ def test_trace_script_sets_nested_options_and_reads_the_losses_of_a_basicsr_log(
         120: {'guided/l_rave': 8.3984, 'guided/l_id': 6.5504e-03, 'guided/l_total': 8.4087}}
 
 
+def test_trace_script_moving_average_of_checkpoints_updates_once_per_checkpoint_with_decay_to_the_interval():
+    """trace_demo_run --ema: checkpoints 2 iterations apart and a per-iteration decay of 0.5 keep 0.5 ** 2 = 0.25
+    of the average at each checkpoint (hand-computed: 0, then 0.25 * 0 + 0.75 * 1, then 0.25 * 0.75 + 0.75 * 1);
+    the checkpoints themselves are not changed."""
+    import runpy
+
+    import torch
+
+    trace = runpy.run_path(str(REPO_ROOT / 'bench' / 'trace_demo_run.py'), run_name='trace_demo_run')
+    states = [{'w': torch.tensor([0.0, 4.0])}, {'w': torch.tensor([1.0, 0.0])}, {'w': torch.tensor([1.0, 0.0])}]
+    rows = trace['ema_rows'](states, 2, [0.5, 0.0])
+    assert list(rows) == ['0.5', '0']
+    assert [r['w'].tolist() for r in rows['0.5']] == [[0.0, 4.0], [0.75, 1.0], [0.9375, 0.25]]
+    assert [r['w'].tolist() for r in rows['0']] == [s['w'].tolist() for s in states]  # no averaging at decay 0
+    assert states[0]['w'].tolist() == [0.0, 4.0]
+
+
 def test_drift_checks_split_each_ground_truth_move_along_and_off_the_residual(tmp_path):
     """demo_drift_checks' steps: the constant step is the residual's mean distance; each ground truth's move is split
     into a part along the residual and one off it (Pythagoras), and the errors are the mean gaps to each step."""
