@@ -175,7 +175,8 @@ def main(argv: List[str] = None) -> None:
     options['logger']['save_checkpoint_freq'] = args.every
     if args.ema and float(base['train'].get('ema_decay') or 0) > 0:
         raise SystemExit('--ema estimates a moving average from a run without one; this run keeps its own '
-                         '(train:ema_decay > 0): trace it without --ema')
+                         '(train:ema_decay > 0): trace it without --ema, or add --set train:ema_decay=0 '
+                         '(bench/options/train_rave_demo_raw.yml is the shipped demo without it)')
     experiment = work / 'experiments' / name
     if args.no_train:
         if not (experiment / 'models' / f'net_g_{iters}.pth').is_file():

@@ -254,7 +254,8 @@ def test_drift_checks_split_each_ground_truth_move_along_and_off_the_residual(tm
 
 def test_one_run_per_seed_scores_the_same_networks_as_runs_of_their_own(tmp_path):
     """bench_demo_robustness --one-run-per-seed scores a shorter length with the longer run's checkpoint at its
-    iteration: that network must be the shorter run's own, bit for bit (the shipped demo options, shortened)."""
+    iteration: that network must be the shorter run's own, bit for bit, weights and their moving average (the shipped
+    demo options, shortened)."""
     import runpy
 
     import torch
@@ -274,9 +275,9 @@ def test_one_run_per_seed_scores_the_same_networks_as_runs_of_their_own(tmp_path
     models = work / 'experiments' / 'mild_x2_s0' / 'models'
     part = torch.load(models / 'net_g_5.pth', weights_only=True)
     assert sorted(both) == ['mild_x1_s0', 'mild_x2_s0'] and both['mild_x1_s0']['part_of'] == 'mild_x2_s0'
-    assert own['params'].keys() == part['params'].keys()
-    assert all(torch.equal(own['params'][name], part['params'][name]) for name in own['params'])
-    final = torch.load(models / 'net_g_latest.pth', weights_only=True)['params']
-    assert not all(torch.equal(final[name], part['params'][name]) for name in final)  # it trained on after 5
+    assert sorted(own) == sorted(part) == ['params', 'params_ema']  # the shipped demo averages its weights
+    assert all(torch.equal(own[key][name], part[key][name]) for key in own for name in own[key])
+    final = torch.load(models / 'net_g_latest.pth', weights_only=True)
+    assert not all(torch.equal(final[key][name], part[key][name]) for key in final for name in final[key])  # trained on
     assert both['mild_x1_s0']['images'] == alone['mild_x1_s0']['images']
     assert 0 < both['mild_x1_s0']['train_seconds'] < both['mild_x2_s0']['train_seconds']

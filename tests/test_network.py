@@ -2,6 +2,7 @@
 import hashlib
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.checkpoint import torch_save_atomic
 from rave_basicsr.utils.image_io import read_image
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 torch_pad = F.pad  # the real one, for spies that wrap it
 
 
@@ -302,18 +304,39 @@ def test_pickle_checkpoint_is_refused_clearly(tmp_path):
         load_enhancement_state_dict(tmp_path / 'pickled.pth')
 
 
-def test_loading_through_basicsr_srmodel(released_weights, tmp_path):
-    """BasicSR's own load_network with param_key_g: ~ loads each official file; with params a BasicSR one."""
+def _srmodel(path, param_key):
+    """BasicSR's SRModel holding a BacklitUNet loaded by BasicSR's own load_network."""
     from basicsr.models import build_model
 
-    def build(path, param_key):
-        opt = {'name': 'load_test', 'model_type': 'SRModel', 'scale': 1, 'num_gpu': 0, 'is_train': False,
-               'dist': False,
-               'network_g': {'type': 'BacklitUNet', 'outer_padding': 'reflect', 'division_eps': 0},
-               'path': {'pretrain_network_g': str(path), 'param_key_g': param_key, 'strict_load_g': True},
-               'val': {'save_img': False}}
-        return build_model(opt)
+    opt = {'name': 'load_test', 'model_type': 'SRModel', 'scale': 1, 'num_gpu': 0, 'is_train': False, 'dist': False,
+           'network_g': {'type': 'BacklitUNet', 'outer_padding': 'reflect', 'division_eps': 0},
+           'path': {'pretrain_network_g': str(path), 'param_key_g': param_key, 'strict_load_g': True},
+           'val': {'save_img': False}}
+    return build_model(opt)
 
+
+def test_shipped_test_options_evaluate_the_weights_rave_enhance_uses(tmp_path):
+    """options/test_rave.yml and test_clip_lit.yml load a checkpoint's moving average when it has one (a run with
+    train:ema_decay > 0, as the RAVE demo) and its params otherwise, as rave enhance does: `basicsr test` must score
+    the network users enhance with."""
+    import yaml
+
+    torch.manual_seed(0)
+    plain, ema = BacklitUNet().state_dict(), BacklitUNet().state_dict()
+    torch_save_atomic({'params': plain, 'params_ema': ema}, tmp_path / 'net_g.pth')
+    torch_save_atomic({'params': plain}, tmp_path / 'net_g_plain.pth')
+    for option_file in ('test_rave.yml', 'test_clip_lit.yml'):
+        param_key = yaml.safe_load((REPO_ROOT / 'options' / option_file).read_text())['path']['param_key_g']
+        for checkpoint, expected in (('net_g.pth', ema), ('net_g_plain.pth', plain)):
+            loaded = _srmodel(tmp_path / checkpoint, param_key).net_g.state_dict()
+            assert torch.equal(loaded['cond1.weight'], expected['cond1.weight']), (option_file, checkpoint)
+            assert torch.equal(load_enhancement_state_dict(tmp_path / checkpoint)['cond1.weight'],
+                               expected['cond1.weight'])
+
+
+def test_loading_through_basicsr_srmodel(released_weights, tmp_path):
+    """BasicSR's own load_network with param_key_g: ~ loads each official file; with params a BasicSR one."""
+    build = _srmodel
     for name in OFFICIAL_WEIGHTS:
         official = released_weights(name)
         model = build(official, None)
