@@ -270,11 +270,19 @@ def test_unknown_name_and_missing_file(tmp_path):
         load_enhancement_state_dict(missing)
 
 
-def test_basicsr_checkpoints_prefer_params_ema(tmp_path):
+@pytest.fixture
+def ema_checkpoints(tmp_path):
+    """Two BasicSR checkpoints of different networks: net_g.pth with params and params_ema, net_g_plain.pth with params
+    alone; returns (plain, ema) state dicts."""
     torch.manual_seed(0)
     plain, ema = BacklitUNet().state_dict(), BacklitUNet().state_dict()
     torch_save_atomic({'params': plain, 'params_ema': ema}, tmp_path / 'net_g.pth')
     torch_save_atomic({'params': plain}, tmp_path / 'net_g_plain.pth')
+    return plain, ema
+
+
+def test_basicsr_checkpoints_prefer_params_ema(tmp_path, ema_checkpoints):
+    plain, ema = ema_checkpoints
     loaded = load_enhancement_state_dict(tmp_path / 'net_g.pth')
     assert torch.equal(loaded['cond1.weight'], ema['cond1.weight'])
     loaded = load_enhancement_state_dict(str(tmp_path / 'net_g_plain.pth'))
@@ -315,16 +323,13 @@ def _srmodel(path, param_key):
     return build_model(opt)
 
 
-def test_shipped_test_options_evaluate_the_weights_rave_enhance_uses(tmp_path):
+def test_shipped_test_options_evaluate_the_weights_rave_enhance_uses(tmp_path, ema_checkpoints):
     """options/test_rave.yml and test_clip_lit.yml load a checkpoint's moving average when it has one (a run with
     train:ema_decay > 0, as the RAVE demo) and its params otherwise, as rave enhance does: `basicsr test` must score
     the network users enhance with."""
     import yaml
 
-    torch.manual_seed(0)
-    plain, ema = BacklitUNet().state_dict(), BacklitUNet().state_dict()
-    torch_save_atomic({'params': plain, 'params_ema': ema}, tmp_path / 'net_g.pth')
-    torch_save_atomic({'params': plain}, tmp_path / 'net_g_plain.pth')
+    plain, ema = ema_checkpoints
     for option_file in ('test_rave.yml', 'test_clip_lit.yml'):
         param_key = yaml.safe_load((REPO_ROOT / 'options' / option_file).read_text())['path']['param_key_g']
         for checkpoint, expected in (('net_g.pth', ema), ('net_g_plain.pth', plain)):
@@ -336,10 +341,9 @@ def test_shipped_test_options_evaluate_the_weights_rave_enhance_uses(tmp_path):
 
 def test_loading_through_basicsr_srmodel(released_weights, tmp_path):
     """BasicSR's own load_network with param_key_g: ~ loads each official file; with params a BasicSR one."""
-    build = _srmodel
     for name in OFFICIAL_WEIGHTS:
         official = released_weights(name)
-        model = build(official, None)
+        model = _srmodel(official, None)
         # the file's tensors, saved from DataParallel: every key carries the "module." prefix
         saved = torch.load(official, map_location='cpu', weights_only=True)
         expected = {key.removeprefix('module.'): value for key, value in saved.items()}
@@ -347,7 +351,7 @@ def test_loading_through_basicsr_srmodel(released_weights, tmp_path):
         assert model.net_g.state_dict().keys() == expected.keys(), name
         assert all(torch.equal(model.net_g.state_dict()[k], v) for k, v in expected.items()), name
     torch_save_atomic({'params': expected}, tmp_path / 'net_g_1.pth')
-    model = build(tmp_path / 'net_g_1.pth', 'params')
+    model = _srmodel(tmp_path / 'net_g_1.pth', 'params')
     assert torch.equal(model.net_g.state_dict()['condy.weight'], expected['condy.weight'])
 
 
