@@ -13,7 +13,7 @@ from basicsr.models import build_model
 
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import prepare_size, to_tensor
-from rave_basicsr.losses.clip_guidance_loss import member_probabilities
+from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss, member_probabilities
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import load_option_file, load_yaml_text
 from tests.clip_lit_helpers import clip_lit_options, model_options
@@ -213,6 +213,52 @@ def test_latent_pair_of_another_size_is_refused(data, tmp_path):
     torch.save({'nothing': torch.randn(2, 10)}, wrong)
     with pytest.raises(RaveError, match='no guidance pair'):
         build(options, tmp_path)
+
+
+class RecordingTranslationLoss(ResidualTranslationLoss):
+    """The translation loss, recording the arguments of each call."""
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.calls = []
+
+    def forward(self, *args):
+        self.calls.append([a.detach().clone() for a in args])
+        return super().forward(*args)
+
+
+def test_translation_guidance_moves_outputs_along_the_pair_by_the_set_means(data, tmp_path):
+    from rave_basicsr.residual.compute import compute_residual
+
+    options = clip_lit_options('translation', data, stages=(3, 1, 2, 1))
+    options['train']['guidance_opt'] = {'type': 'ResidualTranslationLoss', 'loss_weight': 50.0}
+    model = build(options, tmp_path)
+    encoder = model.encoder('guidance_encoder')
+    vector = compute_residual(encoder, data['train_welllit'], data['train_backlit'], progress=False)
+    torch.testing.assert_close(model.set_difference, vector.well_lit_mean - vector.backlit_mean)
+    recorder = RecordingTranslationLoss(loss_weight=50.0)
+    model.cri_guidance = recorder
+    dataset = build_dataset(dict(options['datasets']['train'], phase='train'))
+    inputs = torch.stack([dataset[i]['lq'] for i in range(2)])
+    run(model, options, 3 + 1)                       # prompt_init and warm-up: no guidance
+    assert recorder.calls == []
+    model.feed_data({'lq': inputs})
+    model.optimize_parameters(5)                     # the first network iteration
+    embeds, input_embeds, direction, step = recorder.calls[0]
+    pair = F.normalize(model.frozen_pair, dim=-1)
+    expected = F.normalize(pair[1] - pair[0], dim=0)
+    torch.testing.assert_close(direction, expected)
+    torch.testing.assert_close(step, vector.well_lit_mean @ expected - vector.backlit_mean @ expected)
+    with torch.no_grad():
+        torch.testing.assert_close(input_embeds, encoder.encode_image(inputs))
+    assert not input_embeds.requires_grad and embeds.shape == input_embeds.shape
+    # the set means travel with the training state; a state written without them is refused clearly
+    state = copy.deepcopy(model.guidance_state_dict())
+    torch.testing.assert_close(state['set_difference'], model.set_difference)
+    del state['set_difference']
+    model.load_guidance_state_dict(state)
+    with pytest.raises(RaveError, match='ResidualTranslationLoss needs the set means of prompt_data'):
+        model.optimize_parameters(6)
 
 
 def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):

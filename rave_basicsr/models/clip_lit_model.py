@@ -36,10 +36,16 @@ train:
   network: {iters: 2100, extend_by: 60, extend_threshold: 90}
   prompt: {iters: 1000, extend_by: 100, extend_threshold: 60}
   num_rounds: ~                   # ~: rounds repeat until total_iter
-  guidance_opt: {type: PromptGuidanceLoss, loss_weight: 320}
+  guidance_opt: {type: PromptGuidanceLoss, loss_weight: 320}   # or ResidualTranslationLoss (below)
   init_opt: {type: PromptInitLoss, loss_weight: 1}
   ranking_opt: {type: PromptRankingLoss, loss_weight: 200}
 ```
+
+``guidance_opt: {type: ResidualTranslationLoss}`` (not in the originals; tried for the offline latent demo without
+success, docs/clip_lit.md) replaces the probability of the backlit member, which sets no target per image, by a
+translation of each output's normalised embedding from its input's along the pair's direction ``n(g_1) - n(g_0)``, by
+the component along that direction of the difference of the well-lit and backlit set means of ``prompt_data``
+(computed once at training start, as RAVE's residual). The pair still learns and is refined by the rounds.
 """
 from collections import OrderedDict
 from os import path as osp
@@ -52,7 +58,7 @@ from basicsr.losses import build_loss
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from rave_basicsr.data.epoch_sampler import EpochSampler
-from rave_basicsr.losses.clip_guidance_loss import member_probabilities
+from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss, member_probabilities
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.results_bank import ResultsBank
 from rave_basicsr.models.stages import StageSchedule, StageSpec
@@ -179,6 +185,26 @@ class CLIPLITModel(BacklitBaseModel):
 
         self.bank = ResultsBank(results['window'], results['display_iter'])
         self.frozen_pair: Optional[torch.Tensor] = None
+        self.set_difference: Optional[torch.Tensor] = None
+        if isinstance(self.cri_guidance, ResidualTranslationLoss) and not resuming:
+            self.set_difference = self.mean_difference(data_opt)
+
+    def mean_difference(self, data_opt: dict) -> torch.Tensor:
+        """``v_well_lit - v_backlit``: the difference of the normalised mean guidance embeddings of ``prompt_data``'s
+        two sets (computed on rank 0 and broadcast), which ``ResidualTranslationLoss`` projects on the pair."""
+        from rave_basicsr.residual.compute import compute_residual
+
+        encoder = self.encoder('guidance_encoder')
+        if self.opt['rank'] == 0:
+            vector = compute_residual(encoder, data_opt['dataroot_welllit'], data_opt['dataroot_backlit'],
+                                      progress=False)
+            difference = (vector.well_lit_mean - vector.backlit_mean).float().to(self.device)
+            self.logger.info(f'Set means of prompt_data ({vector.counts}): distance {float(difference.norm()):.4f}.')
+        else:
+            difference = torch.zeros(encoder.embed_dim, device=self.device)
+        if self.opt['dist']:
+            dist.broadcast(difference, 0)
+        return difference
 
     @staticmethod
     def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -240,14 +266,35 @@ class CLIPLITModel(BacklitBaseModel):
         return loss, {'l_init': loss}
 
     def network_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """Stage C-1: 320·p_backlit(output) + 22.5·L_id (and the optional smoothness term) with the pair frozen
-        (encoded once per stage)."""
+        """Stage C-1: 320·p_backlit(output) (or the translation loss) + 22.5·L_id (and the optional smoothness term)
+        with the pair frozen (encoded once per stage)."""
         if self.frozen_pair is None:
             with torch.no_grad():
                 self.frozen_pair = self.guidance_pair().detach().float()
+            if isinstance(self.cri_guidance, ResidualTranslationLoss):
+                step = float(self.translation()[1])
+                self.logger.info(f'Round {self.schedule.round + 1}: translation step {step:.4f} along the pair.')
         terms = self.enhance_for_guidance()
-        l_clip = self.cri_guidance(self.encoder('guidance_encoder').encode_image(self.output), self.frozen_pair)
+        encoder = self.encoder('guidance_encoder')
+        embeds = encoder.encode_image(self.output)
+        if isinstance(self.cri_guidance, ResidualTranslationLoss):
+            direction, step = self.translation()
+            with torch.no_grad():
+                input_embeds = encoder.encode_image(self.lq)
+            l_clip = self.cri_guidance(embeds, input_embeds, direction, step)
+        else:
+            l_clip = self.cri_guidance(embeds, self.frozen_pair)
         return l_clip + sum(terms.values()), OrderedDict(l_clip=l_clip, **terms)
+
+    def translation(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The frozen pair's unit direction ``n(g_1) - n(g_0)`` (normalised) and the set means' difference along it."""
+        if self.set_difference is None:
+            raise RaveError('train:guidance_opt ResidualTranslationLoss needs the set means of prompt_data, which '
+                            'this training state (written without that loss) lacks; start a new run or resume with '
+                            'the guidance_opt of the interrupted run.')
+        pair = F.normalize(self.frozen_pair, dim=-1)
+        direction = F.normalize(pair[1] - pair[0], dim=0)
+        return direction, self.set_difference @ direction
 
     def ranking_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage C-2: 200·rank loss on backlit / well-lit couples plus the latest rounds' results."""
@@ -314,8 +361,11 @@ class CLIPLITModel(BacklitBaseModel):
 
     # ------------------------------------------------------------------ state
     def guidance_state_dict(self) -> dict:
-        return {'type': self.guidance_type, 'pair': self.pair_param.detach().cpu().clone(), **self.bank.state_dict(),
-                'init_sampler': self.init_sampler.state_dict(), 'pair_sampler': self.pair_sampler.state_dict()}
+        state = {'type': self.guidance_type, 'pair': self.pair_param.detach().cpu().clone(), **self.bank.state_dict(),
+                 'init_sampler': self.init_sampler.state_dict(), 'pair_sampler': self.pair_sampler.state_dict()}
+        if self.set_difference is not None:
+            state['set_difference'] = self.set_difference.detach().cpu().clone()
+        return state
 
     def load_guidance_state_dict(self, state: dict) -> None:
         from rave_basicsr.guidance.frozen_encoder import check_embedding_size
@@ -335,6 +385,8 @@ class CLIPLITModel(BacklitBaseModel):
         self.init_sampler.load_state_dict(state['init_sampler'])
         self.pair_sampler.load_state_dict(state['pair_sampler'])
         self.frozen_pair = None
+        difference = state.get('set_difference')
+        self.set_difference = None if difference is None else difference.float().to(self.device)
 
     def save(self, epoch: int, current_iter: int) -> None:
         """Network and training state as the base, plus ``models/guidance_{iter}.pth`` (the pair alone)."""
