@@ -268,17 +268,18 @@ class CLIPLITModel(BacklitBaseModel):
     def network_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage C-1: 320·p_backlit(output) (or the translation loss) + 22.5·L_id (and the optional smoothness term)
         with the pair frozen (encoded once per stage)."""
-        if self.frozen_pair is None:
+        stage_start = self.frozen_pair is None
+        if stage_start:
             with torch.no_grad():
                 self.frozen_pair = self.guidance_pair().detach().float()
-            if isinstance(self.cri_guidance, ResidualTranslationLoss):
-                step = float(self.translation()[1])
-                self.logger.info(f'Round {self.schedule.round + 1}: translation step {step:.4f} along the pair.')
         terms = self.enhance_for_guidance()
         encoder = self.encoder('guidance_encoder')
         embeds = encoder.encode_image(self.output)
         if isinstance(self.cri_guidance, ResidualTranslationLoss):
             direction, step = self.translation()
+            if stage_start:
+                self.logger.info(f'Round {self.schedule.round + 1}: translation step {float(step):.4f} along the '
+                                 'pair.')
             with torch.no_grad():
                 input_embeds = encoder.encode_image(self.lq)
             l_clip = self.cri_guidance(embeds, input_embeds, direction, step)
