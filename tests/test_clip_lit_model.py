@@ -261,6 +261,35 @@ def test_translation_guidance_moves_outputs_along_the_pair_by_the_set_means(data
         model.optimize_parameters(6)
 
 
+def test_latent_pair_can_start_at_the_set_means_without_an_initialisation_stage(data, tmp_path):
+    from rave_basicsr.residual.compute import compute_residual
+
+    options = clip_lit_options('means', data, stages=(0, 1, 2, 1))
+    options['latent_init'] = 'set_means'
+    model = build(options, tmp_path)
+    vector = compute_residual(model.encoder('guidance_encoder'), data['train_welllit'], data['train_backlit'],
+                              progress=False)
+    torch.testing.assert_close(model.guidance_pair(), torch.stack([vector.backlit_mean, vector.well_lit_mean]))
+    assert model.set_difference is None  # kept only for the translation loss
+    run(model, options, 3)
+    assert [h['name'] for h in model.schedule.history][:2] == ['prompt_init', 'warmup']
+    assert model.schedule.history[0]['iterations'] == 0
+    with pytest.raises(RaveError, match='latent_init: set_means .* needs guidance: latent'):
+        build(dict(clip_lit_options('means', data, guidance='prompt'), latent_init='set_means'), tmp_path)
+    with pytest.raises(RaveError, match="option latent_init must be one of \\['random', 'set_means'\\]"):
+        build(dict(options, latent_init='means'), tmp_path)
+    model.save(0, 3)  # the option file of such a run scores with its saved pair in test mode
+    test_opt = copy.deepcopy(options)
+    test_opt['path'].update(pretrain_network_guidance=str(tmp_path / 'experiments' / 'means' / 'models' /
+                                                          'guidance_3.pth'))
+    del test_opt['train']
+    tester = build_model(model_options(test_opt, tmp_path / 'test', is_train=False))
+    torch.testing.assert_close(tester.guidance_direction(), model.guidance_direction())
+    options['path']['pretrain_network_guidance'] = test_opt['path']['pretrain_network_guidance']
+    with pytest.raises(RaveError, match='latent_init: set_means and path:pretrain_network_guidance'):
+        build(options, tmp_path)
+
+
 def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):
     options = clip_lit_options('kind', data, stages=(1, 1, 1, 1))
     model = build(options, tmp_path)

@@ -26,6 +26,7 @@ Options beyond :mod:`rave_basicsr.models.backlit_base_model` (defaults reproduce
 guidance: prompt                  # prompt (CLIP-LIT) | latent (CLIP-LIT-Latent)
 prompt_length: 16                 # "X" tokens of the init prompt (prompt guidance)
 rank_order: official              # official: S(I_t) > S(I_{t-1}) (newest results nearer to backlit); paper: reverse
+latent_init: random               # random: N(0, 1) as the originals; set_means: prompt_data's set means (latent)
 prompt_data: {dataroot_welllit: DIR, dataroot_backlit: ~, resize: 256, augment: official, batch_size: 16}
 results: {at: best, display_iter: 20, window: 30, size: 256, batch_size: 8}
 path: {pretrain_network_guidance: ~}      # a saved pair (ours, or the original's init_prompt_pair.pth) to start from
@@ -46,6 +47,9 @@ success, docs/clip_lit.md) replaces the probability of the backlit member, which
 translation of each output's normalised embedding from its input's along the pair's direction ``n(g_1) - n(g_0)``, by
 the component along that direction of the difference of the well-lit and backlit set means of ``prompt_data``
 (computed once at training start, as RAVE's residual). The pair still learns and is refined by the rounds.
+
+``latent_init: set_means`` (not in the originals) starts the latent pair at those two means, backlit then well-lit,
+instead of N(0, 1); with it ``prompt_init`` may have length 0 (docs/clip_lit.md).
 """
 from collections import OrderedDict
 from os import path as osp
@@ -66,9 +70,10 @@ from rave_basicsr.utils.checkpoint import torch_load_safe, torch_save_atomic
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import option_block
 
-#: accepted values of the options ``guidance`` and ``rank_order``; the first of each is the default
+#: accepted values of the options ``guidance``, ``rank_order`` and ``latent_init``; the first of each is the default
 GUIDANCE_TYPES = ('prompt', 'latent')
 RANK_ORDERS = ('official', 'paper')
+LATENT_INITS = ('random', 'set_means')
 DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_threshold': 60.0},
                   'network': {'iters': 2100, 'extend_by': 60, 'extend_threshold': 90.0},
                   'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0}}
@@ -95,6 +100,12 @@ class CLIPLITModel(BacklitBaseModel):
         if self.guidance_type not in GUIDANCE_TYPES:
             raise RaveError(f'option guidance must be one of {list(GUIDANCE_TYPES)} (prompt: CLIP-LIT, latent: '
                             f'CLIP-LIT-Latent), got {self.guidance_type!r}.')
+        self.latent_init = opt.get('latent_init', LATENT_INITS[0])
+        if self.latent_init not in LATENT_INITS:
+            raise RaveError(f'option latent_init must be one of {list(LATENT_INITS)}, got {self.latent_init!r}.')
+        if self.latent_init == 'set_means' and self.guidance_type != 'latent':
+            raise RaveError('option latent_init: set_means starts the two guidance vectors at image-embedding means; '
+                            'it needs guidance: latent (a prompt pair lives in the text tower\'s input space).')
         self.pair_param: Optional[torch.nn.Parameter] = None
         super().__init__(opt)
 
@@ -146,11 +157,6 @@ class CLIPLITModel(BacklitBaseModel):
     def setup_guidance(self, train_opt: dict, resuming: bool) -> None:
         from rave_basicsr.data.backlit_dataset import LabelledBacklitDataset
 
-        self.pair_param = self.build_pair()
-        if self.opt['dist']:
-            dist.broadcast(self.pair_param.data, 0)
-            world = self.opt['world_size']
-            self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
         self.cri_init = build_loss(dict(train_opt.get('init_opt') or DEFAULT_INIT_OPT))
         self.cri_guidance = build_loss(dict(train_opt.get('guidance_opt') or DEFAULT_GUIDANCE_OPT))
         order = self.opt.get('rank_order', RANK_ORDERS[0])
@@ -186,25 +192,42 @@ class CLIPLITModel(BacklitBaseModel):
         self.bank = ResultsBank(results['window'], results['display_iter'])
         self.frozen_pair: Optional[torch.Tensor] = None
         self.set_difference: Optional[torch.Tensor] = None
-        if isinstance(self.cri_guidance, ResidualTranslationLoss) and not resuming:
-            self.set_difference = self.mean_difference(data_opt)
+        if self.latent_init == 'set_means' and self.opt['path'].get('pretrain_network_guidance'):
+            raise RaveError('options latent_init: set_means and path:pretrain_network_guidance both give the starting '
+                            'pair of a training; keep one of them.')
+        self.pair_param = self.build_pair()
+        translation = isinstance(self.cri_guidance, ResidualTranslationLoss)
+        if (translation or self.latent_init == 'set_means') and not resuming:
+            means = self.set_means(data_opt)
+            if translation:
+                self.set_difference = means[1] - means[0]
+            if self.latent_init == 'set_means':
+                with torch.no_grad():
+                    self.pair_param.copy_(means)
+                self.logger.info('Latent pair initialised at the backlit and well-lit set means of prompt_data.')
+        if self.opt['dist']:
+            dist.broadcast(self.pair_param.data, 0)
+            world = self.opt['world_size']
+            self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
 
-    def mean_difference(self, data_opt: dict) -> torch.Tensor:
-        """``v_well_lit - v_backlit``: the difference of the normalised mean guidance embeddings of ``prompt_data``'s
-        two sets (computed on rank 0 and broadcast), which ``ResidualTranslationLoss`` projects on the pair."""
+    def set_means(self, data_opt: dict) -> torch.Tensor:
+        """``[v_backlit, v_well_lit]``: the normalised mean guidance embeddings of ``prompt_data``'s two sets
+        (computed on rank 0 and broadcast), in the pair's row order. ``ResidualTranslationLoss`` projects their
+        difference on the pair; ``latent_init: set_means`` starts the pair there."""
         from rave_basicsr.residual.compute import compute_residual
 
         encoder = self.encoder('guidance_encoder')
         if self.opt['rank'] == 0:
             vector = compute_residual(encoder, data_opt['dataroot_welllit'], data_opt['dataroot_backlit'],
                                       progress=False)
-            difference = (vector.well_lit_mean - vector.backlit_mean).float().to(self.device)
-            self.logger.info(f'Set means of prompt_data ({vector.counts}): distance {float(difference.norm()):.4f}.')
+            means = torch.stack([vector.backlit_mean, vector.well_lit_mean]).float().to(self.device)
+            self.logger.info(f'Set means of prompt_data ({vector.counts}): distance '
+                             f'{float((means[1] - means[0]).norm()):.4f}.')
         else:
-            difference = torch.zeros(encoder.embed_dim, device=self.device)
+            means = torch.zeros(2, encoder.embed_dim, device=self.device)
         if self.opt['dist']:
-            dist.broadcast(difference, 0)
-        return difference
+            dist.broadcast(means, 0)
+        return means
 
     @staticmethod
     def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -219,10 +242,12 @@ class CLIPLITModel(BacklitBaseModel):
             iters = stage['iters']
             if isinstance(iters, bool) or not isinstance(iters, int) or iters < 0:
                 raise RaveError(f'train:{name}:iters must be an integer >= 0, got {iters!r}.')
-        if options['prompt_init']['iters'] == 0 and not self.opt['path'].get('pretrain_network_guidance'):
+        if options['prompt_init']['iters'] == 0 and not self.opt['path'].get('pretrain_network_guidance') and \
+                self.latent_init != 'set_means':
             raise RaveError('train:prompt_init:iters is 0 but no trained pair is given: the pair would start '
                             f'{"as two identical prompts" if self.guidance_type == "prompt" else "random"} and '
-                            'guide nothing. Give path:pretrain_network_guidance (a saved pair) or a positive length.')
+                            'guide nothing. Give path:pretrain_network_guidance (a saved pair), latent_init: set_means '
+                            '(guidance: latent) or a positive length.')
         if options['network']['iters'] == 0:
             raise RaveError('train:network:iters is 0: the rounds would never train the network. Give it a '
                             'positive length (the original: 2100).')
