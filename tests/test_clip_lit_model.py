@@ -290,6 +290,40 @@ def test_latent_pair_can_start_at_the_set_means_without_an_initialisation_stage(
         build(options, tmp_path)
 
 
+class TargetRecorder(torch.nn.Module):
+    """Wraps the guidance loss and records the target probability of each call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.stop_at, self.logit_scale, self.targets = inner, inner.stop_at, inner.logit_scale, []
+
+    def forward(self, embeds, pair, target=None):
+        self.targets.append(float(target))
+        return self.inner(embeds, pair, target)
+
+
+def test_guidance_stops_at_the_well_lit_images_probability_under_each_frozen_pair(data, tmp_path):
+    from rave_basicsr.residual.compute import compute_residual
+
+    options = clip_lit_options('stop', data, stages=(0, 1, 2, 1))
+    options['latent_init'] = 'set_means'
+    options['train']['guidance_opt'] = {'type': 'PromptGuidanceLoss', 'loss_weight': 5.0, 'logit_scale': 20.0,
+                                        'stop_at': 'well_lit'}
+    model = build(options, tmp_path)
+    vector = compute_residual(model.encoder('guidance_encoder'), data['train_welllit'], data['train_backlit'],
+                              keep_embeddings=True, progress=False)
+    well_lit = F.normalize(vector.embeddings['well_lit'], dim=-1)
+    torch.testing.assert_close(model.well_lit_embeds, well_lit)
+    recorder = model.cri_guidance = TargetRecorder(model.cri_guidance)
+    run(model, options, 1 + 2 + 1 + 1)  # warm-up, network, prompt, the next round's first network iteration
+    assert [h['name'] for h in model.schedule.history] == ['prompt_init', 'warmup', 'network', 'prompt']
+    first, second = recorder.targets[0], recorder.targets[-1]
+    assert len(recorder.targets) == 3 and recorder.targets[1] == first
+    expected = float(member_probabilities(well_lit, model.frozen_pair, 20.0)[:, 1].mean())
+    assert second == pytest.approx(expected, abs=1e-6) and second != first  # the refined pair sets a new target
+    assert 0.5 < first < 1  # the set means score the well-lit images well-lit, short of certainty at scale 20
+
+
 def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):
     options = clip_lit_options('kind', data, stages=(1, 1, 1, 1))
     model = build(options, tmp_path)
@@ -340,7 +374,8 @@ def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
         assert prefix + round_length * train['num_rounds'] == train['total_iter']
     opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
     model = build(json.loads(json.dumps(opt)), tmp_path)
-    assert model.guidance_type == opt['guidance'] and model.schedule.name == 'prompt_init'
+    first = 'prompt_init' if train['prompt_init']['iters'] else 'warmup'  # the Latent demo starts at the set means
+    assert model.guidance_type == opt['guidance'] and model.schedule.name == first
 
 
 def test_test_mode_scores_with_a_saved_pair(data, tmp_path):

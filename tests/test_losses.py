@@ -68,6 +68,28 @@ def test_prompt_guidance_hand_computation():
         loss(torch.zeros(3, 4), torch.tensor(G))
 
 
+def test_prompt_guidance_stops_at_its_target_probability():
+    expected = [p_neg_hand(e, G) for e in E]
+    low, middle, _ = sorted(expected)
+    target = 1 - (low + middle) / 2  # one image is past the target, two fall short of it
+    per = PromptGuidanceLoss(reduction='none', stop_at=target)(torch.tensor(E), torch.tensor(G))
+    assert per.tolist() == pytest.approx([max(0.0, p - (1 - target)) for p in expected], abs=1e-6)
+    assert sum(v > 0 for v in per.tolist()) == 2
+    well_lit = PromptGuidanceLoss(reduction='none', stop_at='well_lit')
+    torch.testing.assert_close(well_lit(torch.tensor(E), torch.tensor(G), torch.tensor(target)), per)
+    with pytest.raises(RaveError, match='stop_at: well_lit needs the well-lit images\' probability'):
+        well_lit(torch.tensor(E), torch.tensor(G))
+    for bad in (0, 1.0, 'ground_truth', True):
+        with pytest.raises(RaveError, match='option "stop_at" must be ~, well_lit or a probability'):
+            PromptGuidanceLoss(stop_at=bad)
+    both = PromptGuidanceLoss(reduction='none', stop_at=target, pull_back=True)(torch.tensor(E), torch.tensor(G))
+    assert both.tolist() == pytest.approx([abs(p - (1 - target)) for p in expected], abs=1e-6)
+    assert all(v > 0 for v in both.tolist())  # the image past the target is pulled back too
+    for bad in ({'pull_back': True}, {'pull_back': 'yes', 'stop_at': 0.5}):
+        with pytest.raises(RaveError, match='option "pull_back" must be true or false and needs "stop_at"'):
+            PromptGuidanceLoss(**bad)
+
+
 def test_prompt_init_cross_entropy_hand_computation():
     labels = [1, 0, 0]  # mostly against the similarities, so that the loss is far from zero in float32
     expected = 0.0

@@ -124,19 +124,46 @@ class PromptGuidanceLoss(nn.Module):
     """CLIP-LIT / CLIP-LIT-Latent guidance: probability that an image matches the negative member.
 
     ``p_neg = softmax(scale · [cos(e, g_0), cos(e, g_1)])[0]``, reduced over the batch (official: mean).
+
+    ``stop_at`` (not in the originals) gives the push a target: an image whose well-lit probability ``1 - p_neg``
+    has reached ``t`` adds nothing, ``max(0, p_neg - (1 - t))``. ``t`` is a number in (0, 1), or ``well_lit``: the
+    mean well-lit probability of the well-lit training images under the frozen pair, which the model passes to
+    ``forward`` at every network stage (``CLIPLITModel``). ``~`` (default): the originals' loss, which pushes every
+    image towards probability 1 however far past the well-lit images it already is. ``pull_back: true`` also pulls
+    an image that is past the target back to it, ``|p_neg - (1 - t)|``, so that a later pair can undo what an
+    earlier one overdid.
     """
 
-    def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean') -> None:
+    def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean',
+                 stop_at: Union[None, str, float] = None, pull_back: bool = False) -> None:
         super().__init__()
         self.loss_weight = _check_weight(loss_weight, 'PromptGuidanceLoss')
         self.logit_scale = float(logit_scale)
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptGuidanceLoss')
+        if not (stop_at is None or stop_at == 'well_lit' or (isinstance(stop_at, (int, float))
+                                                              and not isinstance(stop_at, bool) and 0 < stop_at < 1)):
+            raise RaveError(f'PromptGuidanceLoss: option "stop_at" must be ~, well_lit or a probability strictly '
+                            f'between 0 and 1, got {stop_at!r}.')
+        if not isinstance(pull_back, bool) or (pull_back and stop_at is None):
+            raise RaveError(f'PromptGuidanceLoss: option "pull_back" must be true or false and needs "stop_at" (the '
+                            f'target to pull back to), got pull_back={pull_back!r}, stop_at={stop_at!r}.')
+        self.stop_at = stop_at
+        self.pull_back = pull_back
 
     @float32_loss
-    def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor,
+                target: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
+        """``target``: the well-lit probability at which the push stops (required with ``stop_at: well_lit``)."""
         _check_pair(guidance, image_embeds, 'PromptGuidanceLoss')
-        return self.loss_weight * _reduce(negative_probability(image_embeds, guidance, self.logit_scale),
-                                          self.reduction)
+        p_neg = negative_probability(image_embeds, guidance, self.logit_scale)
+        if self.stop_at == 'well_lit' and target is None:
+            raise RaveError('PromptGuidanceLoss with stop_at: well_lit needs the well-lit images\' probability as '
+                            '"target"; it is computed by CLIPLITModel, or give stop_at a number.')
+        if self.stop_at is not None:
+            target = self.stop_at if target is None else target
+            excess = p_neg - (1 - target)
+            p_neg = excess.abs() if self.pull_back else excess.clamp(min=0)
+        return self.loss_weight * _reduce(p_neg, self.reduction)
 
 
 @LOSS_REGISTRY.register()

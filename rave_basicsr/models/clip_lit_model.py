@@ -49,7 +49,10 @@ the component along that direction of the difference of the well-lit and backlit
 (computed once at training start, as RAVE's residual). The pair still learns and is refined by the rounds.
 
 ``latent_init: set_means`` (not in the originals) starts the latent pair at those two means, backlit then well-lit,
-instead of N(0, 1); with it ``prompt_init`` may have length 0 (docs/clip_lit.md).
+instead of N(0, 1); with it ``prompt_init`` may have length 0 (docs/clip_lit.md). ``guidance_opt: {type:
+PromptGuidanceLoss, stop_at: well_lit}`` (not in the originals) stops pushing an output once its well-lit probability
+reaches the mean well-lit probability of ``prompt_data``'s well-lit images under the frozen pair, computed at the
+start of every network stage (``pull_back: true`` also pulls an output that is past it back to it).
 """
 from collections import OrderedDict
 from os import path as osp
@@ -192,42 +195,66 @@ class CLIPLITModel(BacklitBaseModel):
         self.bank = ResultsBank(results['window'], results['display_iter'])
         self.frozen_pair: Optional[torch.Tensor] = None
         self.set_difference: Optional[torch.Tensor] = None
+        self.guidance_target: Optional[torch.Tensor] = None
         if self.latent_init == 'set_means' and self.opt['path'].get('pretrain_network_guidance'):
             raise RaveError('options latent_init: set_means and path:pretrain_network_guidance both give the starting '
                             'pair of a training; keep one of them.')
         self.pair_param = self.build_pair()
         translation = isinstance(self.cri_guidance, ResidualTranslationLoss)
-        if (translation or self.latent_init == 'set_means') and not resuming:
-            means = self.set_means(data_opt)
+        stops_at_well_lit = getattr(self.cri_guidance, 'stop_at', None) == 'well_lit'
+        needs_means = (translation or self.latent_init == 'set_means') and not resuming
+        vector = self.embed_prompt_data(data_opt) if (needs_means or stops_at_well_lit) else None
+        if needs_means:
+            means = self.set_means(vector)
             if translation:
                 self.set_difference = means[1] - means[0]
             if self.latent_init == 'set_means':
                 with torch.no_grad():
                     self.pair_param.copy_(means)
                 self.logger.info('Latent pair initialised at the backlit and well-lit set means of prompt_data.')
+        self.well_lit_embeds = None
+        if stops_at_well_lit and vector is not None:
+            self.well_lit_embeds = F.normalize(vector.embeddings['well_lit'].float(), dim=-1).to(self.device)
         if self.opt['dist']:
             dist.broadcast(self.pair_param.data, 0)
             world = self.opt['world_size']
             self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
 
-    def set_means(self, data_opt: dict) -> torch.Tensor:
-        """``[v_backlit, v_well_lit]``: the normalised mean guidance embeddings of ``prompt_data``'s two sets
-        (computed on rank 0 and broadcast), in the pair's row order. ``ResidualTranslationLoss`` projects their
-        difference on the pair; ``latent_init: set_means`` starts the pair there."""
+    def embed_prompt_data(self, data_opt: dict):
+        """The :class:`ResidualVector` of ``prompt_data``'s two sets, with the per-image embeddings, on rank 0 (None
+        elsewhere: the other ranks receive what they need of it by broadcast)."""
         from rave_basicsr.residual.compute import compute_residual
 
-        encoder = self.encoder('guidance_encoder')
+        if self.opt['rank'] != 0:
+            return None
+        return compute_residual(self.encoder('guidance_encoder'), data_opt['dataroot_welllit'],
+                                data_opt['dataroot_backlit'], keep_embeddings=True, progress=False)
+
+    def set_means(self, vector) -> torch.Tensor:
+        """``[v_backlit, v_well_lit]``: the normalised mean guidance embeddings of ``prompt_data``'s two sets
+        (``vector`` from :meth:`embed_prompt_data`, broadcast from rank 0), in the pair's row order.
+        ``ResidualTranslationLoss`` projects their difference on the pair; ``latent_init: set_means`` starts the
+        pair there."""
         if self.opt['rank'] == 0:
-            vector = compute_residual(encoder, data_opt['dataroot_welllit'], data_opt['dataroot_backlit'],
-                                      progress=False)
             means = torch.stack([vector.backlit_mean, vector.well_lit_mean]).float().to(self.device)
             self.logger.info(f'Set means of prompt_data ({vector.counts}): distance '
                              f'{float((means[1] - means[0]).norm()):.4f}.')
         else:
-            means = torch.zeros(2, encoder.embed_dim, device=self.device)
+            means = torch.zeros(2, self.encoder('guidance_encoder').embed_dim, device=self.device)
         if self.opt['dist']:
             dist.broadcast(means, 0)
         return means
+
+    def well_lit_target(self) -> torch.Tensor:
+        """Mean well-lit probability of ``prompt_data``'s well-lit images under the frozen pair (at the guidance
+        loss's logit scale; computed on rank 0, broadcast): where ``stop_at: well_lit`` stops the push."""
+        target = torch.zeros((), device=self.device)
+        if self.opt['rank'] == 0:
+            target = member_probabilities(self.well_lit_embeds, self.frozen_pair,
+                                          self.cri_guidance.logit_scale)[:, 1].mean()
+        if self.opt['dist']:
+            dist.broadcast(target, 0)
+        return target
 
     @staticmethod
     def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -308,6 +335,12 @@ class CLIPLITModel(BacklitBaseModel):
             with torch.no_grad():
                 input_embeds = encoder.encode_image(self.lq)
             l_clip = self.cri_guidance(embeds, input_embeds, direction, step)
+        elif getattr(self.cri_guidance, 'stop_at', None) == 'well_lit':
+            if stage_start:
+                self.guidance_target = self.well_lit_target()
+                self.logger.info(f'Round {self.schedule.round + 1}: the guidance stops at a well-lit probability of '
+                                 f'{float(self.guidance_target):.4f} (the well-lit images\' mean).')
+            l_clip = self.cri_guidance(embeds, self.frozen_pair, self.guidance_target)
         else:
             l_clip = self.cri_guidance(embeds, self.frozen_pair)
         return l_clip + sum(terms.values()), OrderedDict(l_clip=l_clip, **terms)
