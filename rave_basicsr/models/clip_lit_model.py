@@ -53,6 +53,10 @@ instead of N(0, 1); with it ``prompt_init`` may have length 0 (docs/clip_lit.md)
 PromptGuidanceLoss, stop_at: well_lit}`` (not in the originals) stops pushing an output once its well-lit probability
 reaches the mean well-lit probability of ``prompt_data``'s well-lit images under the frozen pair, computed at the
 start of every network stage (``pull_back: true`` also pulls an output that is past it back to it).
+
+The module is one class over 450 lines on purpose: every method is a hook of the staged base or state those hooks
+share (the pair, the frozen pair, the feature bank, the samplers, the set statistics), and the pieces that stand
+alone already live in their own modules (``results_bank``, ``stages``, the losses).
 """
 from collections import OrderedDict
 from os import path as osp
@@ -201,9 +205,10 @@ class CLIPLITModel(BacklitBaseModel):
                             'pair of a training; keep one of them.')
         self.pair_param = self.build_pair()
         translation = isinstance(self.cri_guidance, ResidualTranslationLoss)
-        stops_at_well_lit = getattr(self.cri_guidance, 'stop_at', None) == 'well_lit'
+        self.stops_at_well_lit = getattr(self.cri_guidance, 'stop_at', None) == 'well_lit'
         needs_means = (translation or self.latent_init == 'set_means') and not resuming
-        vector = self.embed_prompt_data(data_opt) if (needs_means or stops_at_well_lit) else None
+        vector = (self.embed_prompt_data(data_opt, keep_embeddings=self.stops_at_well_lit)
+                  if needs_means or self.stops_at_well_lit else None)
         if needs_means:
             means = self.set_means(vector)
             if translation:
@@ -213,22 +218,22 @@ class CLIPLITModel(BacklitBaseModel):
                     self.pair_param.copy_(means)
                 self.logger.info('Latent pair initialised at the backlit and well-lit set means of prompt_data.')
         self.well_lit_embeds = None
-        if stops_at_well_lit and vector is not None:
+        if self.stops_at_well_lit and vector is not None:
             self.well_lit_embeds = F.normalize(vector.embeddings['well_lit'].float(), dim=-1).to(self.device)
         if self.opt['dist']:
             dist.broadcast(self.pair_param.data, 0)
             world = self.opt['world_size']
             self.pair_param.register_hook(lambda grad: self._mean_over_ranks(grad, world))
 
-    def embed_prompt_data(self, data_opt: dict):
-        """The :class:`ResidualVector` of ``prompt_data``'s two sets, with the per-image embeddings, on rank 0 (None
-        elsewhere: the other ranks receive what they need of it by broadcast)."""
+    def embed_prompt_data(self, data_opt: dict, keep_embeddings: bool):
+        """The :class:`ResidualVector` of ``prompt_data``'s two sets (with the per-image embeddings when asked), on
+        rank 0 (None elsewhere: the other ranks receive what they need of it by broadcast)."""
         from rave_basicsr.residual.compute import compute_residual
 
         if self.opt['rank'] != 0:
             return None
         return compute_residual(self.encoder('guidance_encoder'), data_opt['dataroot_welllit'],
-                                data_opt['dataroot_backlit'], keep_embeddings=True, progress=False)
+                                data_opt['dataroot_backlit'], keep_embeddings=keep_embeddings, progress=False)
 
     def set_means(self, vector) -> torch.Tensor:
         """``[v_backlit, v_well_lit]``: the normalised mean guidance embeddings of ``prompt_data``'s two sets
@@ -335,7 +340,7 @@ class CLIPLITModel(BacklitBaseModel):
             with torch.no_grad():
                 input_embeds = encoder.encode_image(self.lq)
             l_clip = self.cri_guidance(embeds, input_embeds, direction, step)
-        elif getattr(self.cri_guidance, 'stop_at', None) == 'well_lit':
+        elif self.stops_at_well_lit:
             if stage_start:
                 self.guidance_target = self.well_lit_target()
                 self.logger.info(f'Round {self.schedule.round + 1}: the guidance stops at a well-lit probability of '
