@@ -13,7 +13,7 @@ from basicsr.models import build_model
 
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import prepare_size, to_tensor
-from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss, member_probabilities
+from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss, member_probabilities, pair_logits
 from rave_basicsr.utils.errors import RaveError
 from rave_basicsr.utils.options import load_option_file, load_yaml_text
 from tests.clip_lit_helpers import clip_lit_options, model_options
@@ -128,9 +128,13 @@ def test_prompt_init_separates_held_out_backlit_and_welllit(data, tmp_path):
     assert accuracy() >= 0.9  # 12 held-out images, chance is 0.5
 
 
-def test_guidance_score_is_the_well_lit_probability(data, tmp_path):
+@pytest.mark.parametrize('metric_scale, loss_scale, scale', [(None, None, 100), (None, 20.0, 20), (5.0, 20.0, 5)])
+def test_guidance_score_is_the_well_lit_probability(data, tmp_path, metric_scale, loss_scale, scale):
     options = clip_lit_options('score', data, stages=(2, 1, 1, 1))
-    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
+    options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score', 'logit_scale': metric_scale}}
+    if loss_scale is not None:
+        options['train']['guidance_opt'] = {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0,
+                                            'logit_scale': loss_scale}
     model = build(options, tmp_path)
     run(model, options, 2)
     loader = torch.utils.data.DataLoader(build_dataset(dict(options['datasets']['val'], phase='val')))
@@ -143,7 +147,7 @@ def test_guidance_score_is_the_well_lit_probability(data, tmp_path):
         embeds = model.encoder('guidance_encoder').encode_image(outputs)
         pair = model.guidance_pair()
         cos = (embeds / embeds.norm(dim=1, keepdim=True)) @ (pair / pair.norm(dim=1, keepdim=True)).t()
-        expected = (1 / (1 + torch.exp(100 * (cos[:, 0] - cos[:, 1])))).mean()  # softmax member 1 of two, by hand
+        expected = (1 / (1 + torch.exp(scale * (cos[:, 0] - cos[:, 1])))).mean()  # softmax member 1 of two, by hand
     assert 0.0 <= score <= 1.0
     assert score == pytest.approx(float(expected), abs=1e-5)
 
@@ -201,6 +205,24 @@ def test_zero_length_prompt_refinement_and_warmup_are_skipped(data, tmp_path):
     run(model, options, 5)
     assert [(h['name'], h['iterations']) for h in model.schedule.history] == [
         ('prompt_init', 1), ('warmup', 0), ('network', 2), ('prompt', 0), ('network', 2), ('prompt', 0)]
+
+
+def test_prompt_max_rounds_stops_refining_the_pair_and_recording_results(data, tmp_path):
+    options = clip_lit_options('max_rounds', data, stages=(1, 1, 2, 1))
+    options['train']['prompt']['max_rounds'] = 1
+    model = build(options, tmp_path)
+    run(model, options, 1 + 1 + 2 + 1)
+    refined = model.guidance_pair().detach().clone()
+    bank = model.bank.rounds[0].clone()
+    run(model, options, 2 + 2 + 1)  # rounds 2 and 3 train the network alone, then round 4 starts
+    assert [(h['name'], h['round'], h['iterations']) for h in model.schedule.history][2:] == [
+        ('network', 0, 2), ('prompt', 0, 1), ('network', 1, 2), ('prompt', 1, 0), ('network', 2, 2), ('prompt', 2, 0)]
+    assert (model.schedule.name, model.schedule.round) == ('network', 3)
+    assert torch.equal(model.guidance_pair(), refined) and torch.equal(model.frozen_pair, refined.float())
+    assert list(model.bank.rounds) == [0] and torch.equal(model.bank.rounds[0], bank)  # no prompt stage ranks later
+    options['train']['network']['max_rounds'] = 2
+    with pytest.raises(RaveError, match='train:network:max_rounds is set.*train:prompt:max_rounds'):
+        build(options, tmp_path)
 
 
 def test_latent_pair_of_another_size_is_refused(data, tmp_path):
@@ -313,7 +335,7 @@ def test_guidance_stops_at_the_well_lit_images_probability_under_each_frozen_pai
     vector = compute_residual(model.encoder('guidance_encoder'), data['train_welllit'], data['train_backlit'],
                               keep_embeddings=True, progress=False)
     well_lit = F.normalize(vector.embeddings['well_lit'], dim=-1)
-    torch.testing.assert_close(model.well_lit_embeds, well_lit)
+    torch.testing.assert_close(model.set_embeds['well_lit'], well_lit)
     recorder = model.cri_guidance = TargetRecorder(model.cri_guidance)
     run(model, options, 1 + 2 + 1 + 1)  # warm-up, network, prompt, the next round's first network iteration
     assert [h['name'] for h in model.schedule.history] == ['prompt_init', 'warmup', 'network', 'prompt']
@@ -322,6 +344,47 @@ def test_guidance_stops_at_the_well_lit_images_probability_under_each_frozen_pai
     expected = float(member_probabilities(well_lit, model.frozen_pair, 20.0)[:, 1].mean())
     assert second == pytest.approx(expected, abs=1e-6) and second != first  # the refined pair sets a new target
     assert 0.5 < first < 1  # the set means score the well-lit images well-lit, short of certainty at scale 20
+
+
+def test_set_gap_target_raises_each_input_by_the_sets_gap_up_to_the_well_lit_target(data, tmp_path):
+    from rave_basicsr.residual.compute import compute_residual
+
+    options = clip_lit_options('gap', data, stages=(0, 1, 2, 1))
+    options['latent_init'] = 'set_means'
+    options['train']['guidance_opt'] = {'type': 'PromptGuidanceLoss', 'loss_weight': 5.0, 'logit_scale': 0.5,
+                                        'stop_at': 'set_gap'}  # low: the cap must not bind everywhere
+    model = build(options, tmp_path)
+    vector = compute_residual(model.encoder('guidance_encoder'), data['train_welllit'], data['train_backlit'],
+                              keep_embeddings=True, progress=False)
+    sets = {name: F.normalize(vector.embeddings[name], dim=-1) for name in ('backlit', 'well_lit')}
+    for name in sets:
+        torch.testing.assert_close(model.set_embeds[name], sets[name])
+    calls = []
+    inner = model.cri_guidance
+
+    def recorder(embeds, pair, target=None):
+        calls.append((model.lq.clone(), target.clone()))
+        return inner(embeds, pair, target)
+
+    model.cri_guidance = recorder
+    model.cri_guidance.logit_scale = inner.logit_scale
+    run(model, options, 1)  # the warm-up
+    source = ImageSource(data['train_backlit'])
+    batch = torch.stack([to_tensor(prepare_size(source.read(i).rgb, 32, None, 'upscale', ''))
+                         for i in range(len(source))])
+    for it in (2, 3):
+        model.feed_data({'lq': batch})
+        model.optimize_parameters(it)
+    assert len(calls) == 2
+    well_lit, backlit = (pair_logits(sets[name], model.frozen_pair, 0.5) for name in ('well_lit', 'backlit'))
+    cap = well_lit.sigmoid().mean()
+    for lq, target in calls:
+        inputs = pair_logits(model.encoder('guidance_encoder').encode_image(lq), model.frozen_pair, 0.5)
+        expected = torch.sigmoid(inputs + well_lit.mean() - backlit.mean()).clamp(max=cap)
+        assert target.shape == (lq.shape[0],)
+        torch.testing.assert_close(target, expected)
+    # whole images (deterministic): the two least well-lit are raised by the gap short of the cap, the others capped
+    assert (calls[0][1] < cap - 5e-3).sum() == 2 and (calls[0][1] == cap).sum() == 2
 
 
 def test_resume_state_of_another_guidance_type_is_refused(data, tmp_path):

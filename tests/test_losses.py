@@ -11,7 +11,7 @@ from basicsr.losses import build_loss
 from rave_basicsr.guidance.encoders import build_image_encoder
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
                                                     PromptRankingLoss, ResidualTranslationLoss,
-                                                    ResidualVectorLoss)
+                                                    ResidualVectorLoss, member_probabilities, pair_logits)
 from rave_basicsr.losses.illumination_loss import IlluminationSmoothnessLoss
 from rave_basicsr.utils.errors import RaveError
 
@@ -68,6 +68,14 @@ def test_prompt_guidance_hand_computation():
         loss(torch.zeros(3, 4), torch.tensor(G))
 
 
+def test_pair_logits_are_the_logits_of_the_well_lit_probability():
+    logits = pair_logits(torch.tensor(E), torch.tensor(G), 20.0)
+    probabilities = member_probabilities(torch.tensor(E), torch.tensor(G), 20.0)
+    torch.testing.assert_close(logits.sigmoid(), probabilities[:, 1])
+    by_hand = [20 * sum(a * (b1 - b0) for a, b0, b1 in zip(unit(e), unit(G[0]), unit(G[1]))) for e in E]
+    assert logits.tolist() == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_prompt_guidance_stops_at_its_target_probability():
     expected = [p_neg_hand(e, G) for e in E]
     low, middle, _ = sorted(expected)
@@ -77,10 +85,14 @@ def test_prompt_guidance_stops_at_its_target_probability():
     assert sum(v > 0 for v in per.tolist()) == 2
     well_lit = PromptGuidanceLoss(reduction='none', stop_at='well_lit')
     torch.testing.assert_close(well_lit(torch.tensor(E), torch.tensor(G), torch.tensor(target)), per)
-    with pytest.raises(RaveError, match='stop_at: well_lit needs the well-lit images\' probability'):
+    with pytest.raises(RaveError, match='stop_at: well_lit needs the target probability'):
         well_lit(torch.tensor(E), torch.tensor(G))
+    per_image = torch.tensor([0.9, 1 - low, 0.2])  # set_gap: one target per image
+    gap = PromptGuidanceLoss(reduction='none', stop_at='set_gap')(torch.tensor(E), torch.tensor(G), per_image)
+    assert gap.tolist() == pytest.approx([max(0.0, p - (1 - t)) for p, t in zip(expected, per_image.tolist())],
+                                         abs=1e-6)
     for bad in (0, 1.0, 'ground_truth', True):
-        with pytest.raises(RaveError, match='option "stop_at" must be ~, well_lit or a probability'):
+        with pytest.raises(RaveError, match='option "stop_at" must be ~, well_lit, set_gap or a probability'):
             PromptGuidanceLoss(stop_at=bad)
     both = PromptGuidanceLoss(reduction='none', stop_at=target, pull_back=True)(torch.tensor(E), torch.tensor(G))
     assert both.tolist() == pytest.approx([abs(p - (1 - target)) for p in expected], abs=1e-6)

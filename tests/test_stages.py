@@ -88,7 +88,7 @@ def test_state_from_other_schedule_is_refused():
     (dict(prefix=[StageSpec('a', None, 'x'), StageSpec('b', 1, 'x')]),
      r'stage "a" has no length \(~\) but is followed by other stages'),
     (dict(prefix=[StageSpec('a', 1, 'x'), StageSpec('a', 1, 'x')]), r"stage names must be unique, got \['a', 'a'\]"),
-    (dict(prefix=[], rounds=[StageSpec('a', 0, 'x')]), 'the repeated round stages all have length 0'),
+    (dict(prefix=[], rounds=[StageSpec('a', 0, 'x')]), 'every repeated round stage has length 0'),
     (dict(prefix=[]), 'a training schedule needs at least one stage'),
 ])
 def test_invalid_schedules_are_refused(kwargs, message):
@@ -102,3 +102,36 @@ def test_invalid_specs_are_refused():
         StageSpec('a', -1, 'x')
     with pytest.raises(RaveError, match='stage "a": extend_by is 3 but no extend_threshold is set'):
         StageSpec('a', 2, 'x', extend_by=3)
+
+
+def test_max_rounds_skips_a_round_stage_after_its_rounds():
+    schedule = StageSchedule([StageSpec('warmup', 1, 'net_g')],
+                             [StageSpec('network', 2, 'net_g'), StageSpec('prompt', 1, 'prompt', max_rounds=2)])
+    names = run(schedule, 12)
+    assert names == ([('warmup', 0)] + [('network', 0)] * 2 + [('prompt', 0)] + [('network', 1)] * 2
+                     + [('prompt', 1)] + [('network', 2)] * 2 + [('network', 3)] * 2 + [('network', 4)])
+    assert schedule.runs_in_round('prompt', 1) and not schedule.runs_in_round('prompt', 2)
+    assert {'name': 'prompt', 'round': 2, 'iterations': 0} in schedule.history
+    restored = StageSchedule([StageSpec('warmup', 1, 'net_g')],
+                             [StageSpec('network', 2, 'net_g'), StageSpec('prompt', 1, 'prompt', max_rounds=2)])
+    restored.load_state_dict(schedule.state_dict())
+    assert run(restored, 3) == run(schedule, 3) == [('network', 4), ('network', 5), ('network', 5)]
+
+
+def test_max_rounds_zero_never_runs_the_stage():
+    schedule = StageSchedule([], [StageSpec('network', 1, 'net_g'), StageSpec('prompt', 1, 'prompt', max_rounds=0)])
+    assert [name for name, _ in run(schedule, 3)] == ['network'] * 3
+
+
+@pytest.mark.parametrize('prefix, rounds, message', [
+    ([StageSpec('warmup', 1, 'net_g', max_rounds=1)], [StageSpec('network', 1, 'net_g')], 'before the rounds'),
+    ([], [StageSpec('network', 1, 'net_g', max_rounds=3), StageSpec('prompt', 0, 'prompt')], 'never advance'),
+])
+def test_max_rounds_refusals(prefix, rounds, message):
+    with pytest.raises(RaveError, match=message):
+        StageSchedule(prefix, rounds)
+
+
+def test_max_rounds_must_be_a_count():
+    with pytest.raises(RaveError, match='max_rounds must be an integer >= 0'):
+        StageSpec('prompt', 1, 'prompt', max_rounds=-1)

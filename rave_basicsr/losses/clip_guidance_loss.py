@@ -73,6 +73,14 @@ def member_probabilities(embeds: torch.Tensor, guidance: torch.Tensor, logit_sca
         return logits.softmax(dim=-1)
 
 
+def pair_logits(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
+    """``[B]`` logits ``scale · (cos(e, g_1) - cos(e, g_0))``: the well-lit probability of
+    :func:`member_probabilities` is their sigmoid. In float32 whatever autocast says."""
+    with torch.autocast(device_type=embeds.device.type, enabled=False):
+        cosines = F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
+        return logit_scale * (cosines[:, 1] - cosines[:, 0])
+
+
 def negative_probability(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
     """``[B]`` probability of the negative (backlit) member: CLIP-LIT's guidance loss per image."""
     return member_probabilities(embeds, guidance, logit_scale)[:, 0]
@@ -119,6 +127,10 @@ class CLIPIdentityLoss(nn.Module):
         return self.loss_weight * _reduce(per_image, self.batch_reduction)
 
 
+#: ``PromptGuidanceLoss`` ``stop_at`` values whose target the model computes from ``prompt_data``'s two sets
+SET_TARGETS = ('well_lit', 'set_gap')
+
+
 @LOSS_REGISTRY.register()
 class PromptGuidanceLoss(nn.Module):
     """CLIP-LIT / CLIP-LIT-Latent guidance: probability that an image matches the negative member.
@@ -128,10 +140,13 @@ class PromptGuidanceLoss(nn.Module):
     ``stop_at`` (not in the originals) gives the push a target: an image whose well-lit probability ``1 - p_neg``
     has reached ``t`` adds nothing, ``max(0, p_neg - (1 - t))``. ``t`` is a number in (0, 1), or ``well_lit``: the
     mean well-lit probability of the well-lit training images under the frozen pair, which the model passes to
-    ``forward`` at every network stage (``CLIPLITModel``). ``~`` (default): the originals' loss, which pushes every
-    image towards probability 1 however far past the well-lit images it already is. ``pull_back: true`` also pulls
-    an image that is past the target back to it, ``|p_neg - (1 - t)|``, so that a later pair can undo what an
-    earlier one overdid.
+    ``forward`` at every network stage (``CLIPLITModel``), or ``set_gap``: one target per image, its input's
+    logit ``scale · (cos(e, g_1) - cos(e, g_0))`` raised by the gap between the mean logits of the well-lit and the
+    backlit training images, at most the ``well_lit`` target (the model passes the ``[B]`` targets): every image
+    moves as far as the two sets lie apart, and one the pair finds hard is not pushed for as long as training runs.
+    ``~`` (default): the originals' loss, which pushes every image towards probability 1 however far past the
+    well-lit images it already is. ``pull_back: true`` also pulls an image that is past the target back to it,
+    ``|p_neg - (1 - t)|``, so that a later pair can undo what an earlier one overdid.
     """
 
     def __init__(self, loss_weight: float = 1.0, logit_scale: float = 100.0, reduction: str = 'mean',
@@ -140,10 +155,10 @@ class PromptGuidanceLoss(nn.Module):
         self.loss_weight = _check_weight(loss_weight, 'PromptGuidanceLoss')
         self.logit_scale = float(logit_scale)
         self.reduction = _check_choice(reduction, REDUCTIONS, 'reduction', 'PromptGuidanceLoss')
-        if not (stop_at is None or stop_at == 'well_lit' or (isinstance(stop_at, (int, float))
-                                                              and not isinstance(stop_at, bool) and 0 < stop_at < 1)):
-            raise RaveError(f'PromptGuidanceLoss: option "stop_at" must be ~, well_lit or a probability strictly '
-                            f'between 0 and 1, got {stop_at!r}.')
+        if not (stop_at is None or stop_at in SET_TARGETS or (isinstance(stop_at, (int, float))
+                                                               and not isinstance(stop_at, bool) and 0 < stop_at < 1)):
+            raise RaveError(f'PromptGuidanceLoss: option "stop_at" must be ~, well_lit, set_gap or a probability '
+                            f'strictly between 0 and 1, got {stop_at!r}.')
         if not isinstance(pull_back, bool) or (pull_back and stop_at is None):
             raise RaveError(f'PromptGuidanceLoss: option "pull_back" must be true or false and needs "stop_at" (the '
                             f'target to pull back to), got pull_back={pull_back!r}, stop_at={stop_at!r}.')
@@ -153,11 +168,12 @@ class PromptGuidanceLoss(nn.Module):
     @float32_loss
     def forward(self, image_embeds: torch.Tensor, guidance: torch.Tensor,
                 target: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
-        """``target``: the well-lit probability at which the push stops (required with ``stop_at: well_lit``)."""
+        """``target``: the well-lit probability at which the push stops, one for the batch or ``[B]`` (required with
+        ``stop_at: well_lit`` or ``set_gap``)."""
         _check_pair(guidance, image_embeds, 'PromptGuidanceLoss')
         p_neg = negative_probability(image_embeds, guidance, self.logit_scale)
-        if self.stop_at == 'well_lit' and target is None:
-            raise RaveError('PromptGuidanceLoss with stop_at: well_lit needs the well-lit images\' probability as '
+        if self.stop_at in SET_TARGETS and target is None:
+            raise RaveError(f'PromptGuidanceLoss with stop_at: {self.stop_at} needs the target probability as '
                             '"target"; it is computed by CLIPLITModel, or give stop_at a number.')
         if self.stop_at is not None:
             target = self.stop_at if target is None else target

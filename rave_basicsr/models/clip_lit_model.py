@@ -35,7 +35,7 @@ train:
   optim_guidance: {type: Adam, lr: !!float 5e-6, weight_decay: !!float 1e-3}   # latent: 5e-4
   prompt_init: {iters: 8000, extend_by: 100, extend_threshold: 60}
   network: {iters: 2100, extend_by: 60, extend_threshold: 90}
-  prompt: {iters: 1000, extend_by: 100, extend_threshold: 60}
+  prompt: {iters: 1000, extend_by: 100, extend_threshold: 60, max_rounds: ~}   # ~: refine the pair every round
   num_rounds: ~                   # ~: rounds repeat until total_iter
   guidance_opt: {type: PromptGuidanceLoss, loss_weight: 320}   # or ResidualTranslationLoss (below)
   init_opt: {type: PromptInitLoss, loss_weight: 1}
@@ -52,7 +52,12 @@ the component along that direction of the difference of the well-lit and backlit
 instead of N(0, 1); with it ``prompt_init`` may have length 0 (docs/clip_lit.md). ``guidance_opt: {type:
 PromptGuidanceLoss, stop_at: well_lit}`` (not in the originals) stops pushing an output once its well-lit probability
 reaches the mean well-lit probability of ``prompt_data``'s well-lit images under the frozen pair, computed at the
-start of every network stage (``pull_back: true`` also pulls an output that is past it back to it).
+start of every network stage (``pull_back: true`` also pulls an output that is past it back to it); ``stop_at:
+set_gap`` stops each output sooner where its input's logit raised by the gap between the two sets' mean logits is
+lower, so that an input the pair finds far more backlit than the backlit images is not pushed all the way.
+``train:prompt:max_rounds: N`` (not in the originals, which refine the pair in every round) refines the pair in the
+first N rounds only; the later rounds train the network alone against the pair as it then is, so the guidance stops
+moving and a longer run converges instead of being pushed a little further by every refinement (docs/clip_lit.md).
 
 The module is one class over 450 lines on purpose: every method is a hook of the staged base or state those hooks
 share (the pair, the frozen pair, the feature bank, the samplers, the set statistics), and the pieces that stand
@@ -69,7 +74,8 @@ from basicsr.losses import build_loss
 from basicsr.utils.registry import MODEL_REGISTRY
 
 from rave_basicsr.data.epoch_sampler import EpochSampler
-from rave_basicsr.losses.clip_guidance_loss import ResidualTranslationLoss, member_probabilities
+from rave_basicsr.losses.clip_guidance_loss import (SET_TARGETS, ResidualTranslationLoss, member_probabilities,
+                                                    pair_logits)
 from rave_basicsr.models.backlit_base_model import BacklitBaseModel
 from rave_basicsr.models.results_bank import ResultsBank
 from rave_basicsr.models.stages import StageSchedule, StageSpec
@@ -83,7 +89,7 @@ RANK_ORDERS = ('official', 'paper')
 LATENT_INITS = ('random', 'set_means')
 DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_threshold': 60.0},
                   'network': {'iters': 2100, 'extend_by': 60, 'extend_threshold': 90.0},
-                  'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0}}
+                  'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0, 'max_rounds': None}}
 DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 'batch_size': 8}
 DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
 DEFAULT_INIT_OPT = {'type': 'PromptInitLoss'}
@@ -205,10 +211,11 @@ class CLIPLITModel(BacklitBaseModel):
                             'pair of a training; keep one of them.')
         self.pair_param = self.build_pair()
         translation = isinstance(self.cri_guidance, ResidualTranslationLoss)
-        self.stops_at_well_lit = getattr(self.cri_guidance, 'stop_at', None) == 'well_lit'
+        self.set_target = getattr(self.cri_guidance, 'stop_at', None)
+        self.set_target = self.set_target if self.set_target in SET_TARGETS else None
         needs_means = (translation or self.latent_init == 'set_means') and not resuming
-        vector = (self.embed_prompt_data(data_opt, keep_embeddings=self.stops_at_well_lit)
-                  if needs_means or self.stops_at_well_lit else None)
+        vector = (self.embed_prompt_data(data_opt, keep_embeddings=self.set_target is not None)
+                  if needs_means or self.set_target else None)
         if needs_means:
             means = self.set_means(vector)
             if translation:
@@ -217,9 +224,10 @@ class CLIPLITModel(BacklitBaseModel):
                 with torch.no_grad():
                     self.pair_param.copy_(means)
                 self.logger.info('Latent pair initialised at the backlit and well-lit set means of prompt_data.')
-        self.well_lit_embeds = None
-        if self.stops_at_well_lit and vector is not None:
-            self.well_lit_embeds = F.normalize(vector.embeddings['well_lit'].float(), dim=-1).to(self.device)
+        self.set_embeds = None  # rank 0: the normalised embeddings of prompt_data's two sets, for stop_at's target
+        if self.set_target and vector is not None:
+            self.set_embeds = {name: F.normalize(vector.embeddings[name].float(), dim=-1).to(self.device)
+                               for name in ('backlit', 'well_lit')}
         if self.opt['dist']:
             dist.broadcast(self.pair_param.data, 0)
             world = self.opt['world_size']
@@ -250,16 +258,20 @@ class CLIPLITModel(BacklitBaseModel):
             dist.broadcast(means, 0)
         return means
 
-    def well_lit_target(self) -> torch.Tensor:
-        """Mean well-lit probability of ``prompt_data``'s well-lit images under the frozen pair (at the guidance
-        loss's logit scale; computed on rank 0, broadcast): where ``stop_at: well_lit`` stops the push."""
-        target = torch.zeros((), device=self.device)
+    def set_targets(self) -> torch.Tensor:
+        """``[well-lit probability, logit gap]`` of ``prompt_data`` under the frozen pair, at the guidance loss's
+        logit scale (computed on rank 0, broadcast): the well-lit images' mean well-lit probability, where
+        ``stop_at: well_lit`` stops the push, and the well-lit minus the backlit images' mean logit, by which
+        ``stop_at: set_gap`` raises each input's."""
+        targets = torch.zeros(2, device=self.device)
         if self.opt['rank'] == 0:
-            target = member_probabilities(self.well_lit_embeds, self.frozen_pair,
-                                          self.cri_guidance.logit_scale)[:, 1].mean()
+            scale = self.cri_guidance.logit_scale
+            well_lit = pair_logits(self.set_embeds['well_lit'], self.frozen_pair, scale)
+            backlit = pair_logits(self.set_embeds['backlit'], self.frozen_pair, scale)
+            targets = torch.stack([well_lit.sigmoid().mean(), well_lit.mean() - backlit.mean()])
         if self.opt['dist']:
-            dist.broadcast(target, 0)
-        return target
+            dist.broadcast(targets, 0)
+        return targets
 
     @staticmethod
     def _mean_over_ranks(grad: torch.Tensor, world: int) -> torch.Tensor:
@@ -283,11 +295,15 @@ class CLIPLITModel(BacklitBaseModel):
         if options['network']['iters'] == 0:
             raise RaveError('train:network:iters is 0: the rounds would never train the network. Give it a '
                             'positive length (the original: 2100).')
+        if options['network'].get('max_rounds') is not None:
+            raise RaveError('train:network:max_rounds is set, but the network trains in every round; to stop '
+                            'refining the pair after some rounds, give train:prompt:max_rounds instead.')
 
         def spec(name: str, optimizer: str) -> StageSpec:
             stage = options[name]
             return StageSpec(name, int(stage['iters']), optimizer, extend_by=int(stage['extend_by'] or 0),
-                             extend_threshold=stage['extend_threshold'], max_extensions=stage.get('max_extensions'))
+                             extend_threshold=stage['extend_threshold'], max_extensions=stage.get('max_extensions'),
+                             max_rounds=stage.get('max_rounds') if name == 'prompt' else None)
 
         return StageSchedule([spec('prompt_init', 'guidance'), self.warmup_stage(train_opt)],
                              [spec('network', 'net_g'), spec('prompt', 'guidance')],
@@ -340,12 +356,22 @@ class CLIPLITModel(BacklitBaseModel):
             with torch.no_grad():
                 input_embeds = encoder.encode_image(self.lq)
             l_clip = self.cri_guidance(embeds, input_embeds, direction, step)
-        elif self.stops_at_well_lit:
+        elif self.set_target:
             if stage_start:
-                self.guidance_target = self.well_lit_target()
+                self.guidance_target = self.set_targets()
                 self.logger.info(f'Round {self.schedule.round + 1}: the guidance stops at a well-lit probability of '
-                                 f'{float(self.guidance_target):.4f} (the well-lit images\' mean).')
-            l_clip = self.cri_guidance(embeds, self.frozen_pair, self.guidance_target)
+                                 f'{float(self.guidance_target[0]):.4f} (the well-lit images\' mean)' +
+                                 ('' if self.set_target == 'well_lit' else
+                                  f', and at the input\'s logit raised by {float(self.guidance_target[1]):.4f} '
+                                  '(the sets\' gap) where that is lower') + '.')
+            well_lit, gap = self.guidance_target
+            if self.set_target == 'set_gap':
+                with torch.no_grad():
+                    inputs = pair_logits(encoder.encode_image(self.lq), self.frozen_pair, self.cri_guidance.logit_scale)
+                    target = torch.sigmoid(inputs + gap).clamp(max=well_lit)
+            else:
+                target = well_lit
+            l_clip = self.cri_guidance(embeds, self.frozen_pair, target)
         else:
             l_clip = self.cri_guidance(embeds, self.frozen_pair)
         return l_clip + sum(terms.values()), OrderedDict(l_clip=l_clip, **terms)
@@ -379,14 +405,19 @@ class CLIPLITModel(BacklitBaseModel):
     # ------------------------------------------------------------------ results of the rounds (feature bank)
     def on_iteration_end(self, stage: StageSpec, iteration_in_stage: int, current_iter: int) -> None:
         """``results: at: best``: record the results at the network stage's best-model events."""
-        if (stage.name == 'network' and self.results_opt['at'] == 'best'
+        if (stage.name == 'network' and self.results_opt['at'] == 'best' and self.results_ranked(self.schedule.round)
                 and self.bank.is_best(self.monitored_loss, iteration_in_stage)):
             self.record_results(self.schedule.round, current_iter)
 
     def on_stage_end(self, stage: StageSpec, round_: int, current_iter: int) -> None:
         """``results: at: end``: record the results once, when the network stage ends."""
-        if stage.name == 'network' and self.results_opt['at'] == 'end':
+        if stage.name == 'network' and self.results_opt['at'] == 'end' and self.results_ranked(round_):
             self.record_results(round_, current_iter)
+
+    def results_ranked(self, round_: int) -> bool:
+        """Whether a prompt stage will rank the results of round ``round_`` (the prompt stage of that round, or of
+        the next, runs): past ``train:prompt:max_rounds`` recording them would be wasted work."""
+        return self.schedule.runs_in_round('prompt', round_)
 
     def record_results(self, round_: int, current_iter: int) -> None:
         """Enhance every backlit training image at ``results:size``² and keep their normalised features.
@@ -472,9 +503,11 @@ class CLIPLITModel(BacklitBaseModel):
         return pair[1] - pair[0]
 
     def compute_metric(self, name: str, metric_opt: dict, result_img, gt_img, img_name: str) -> Optional[float]:
-        """The guidance score here is the mean probability of the well-lit member (1 - p_neg of the guidance loss)."""
+        """The guidance score here is the mean probability of the well-lit member (1 - p_neg of the guidance loss),
+        at the metric's ``logit_scale`` if given, else at the training guidance loss's (CLIP's 100 without one)."""
         if metric_opt['type'] != 'calculate_guidance_score':
             return super().compute_metric(name, metric_opt, result_img, gt_img, img_name)
+        scale = metric_opt.get('logit_scale') or getattr(getattr(self, 'cri_guidance', None), 'logit_scale', 100.0)
         with torch.no_grad():
             embeds = self.encoder('guidance_encoder').encode_image(self.output.float())
-            return float(member_probabilities(embeds, self.guidance_pair())[:, 1].mean())
+            return float(member_probabilities(embeds, self.guidance_pair(), float(scale))[:, 1].mean())

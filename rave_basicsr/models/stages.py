@@ -16,6 +16,9 @@ How a model declares its schedule (``BacklitBaseModel.define_stages`` returns a 
   monitored loss is above ``extend_threshold``): the model passes the monitored value to :meth:`StageSchedule.step`
   after every iteration; the check happens when the stage's iteration count reaches its (extended) length.
   ``max_extensions`` bounds the number of extensions (``None``: unbounded, as in the originals).
+* ``max_rounds`` (stages repeated in rounds only) runs the stage in the first ``max_rounds`` rounds and skips it in
+  the later ones (``None``: every round, as in the originals); CLIP-LIT uses it to stop refining the pair while the
+  network trains on.
 * :meth:`StageSchedule.extend` lengthens the current stage from outside (the warm-up re-initialisation guard adds
   100 iterations this way).
 """
@@ -34,6 +37,7 @@ class StageSpec:
     extend_by: int = 0
     extend_threshold: Optional[float] = None
     max_extensions: Optional[int] = None
+    max_rounds: Optional[int] = None
 
     def __post_init__(self):
         if self.length is not None and (not isinstance(self.length, int) or self.length < 0):
@@ -43,6 +47,10 @@ class StageSpec:
             raise RaveError(f'stage "{self.name}": extend_by must be an integer >= 0, got {self.extend_by!r}.')
         if self.extend_by and self.extend_threshold is None:
             raise RaveError(f'stage "{self.name}": extend_by is {self.extend_by} but no extend_threshold is set.')
+        if self.max_rounds is not None and (isinstance(self.max_rounds, bool) or not isinstance(self.max_rounds, int)
+                                            or self.max_rounds < 0):
+            raise RaveError(f'stage "{self.name}": max_rounds must be an integer >= 0 or ~ (every round), got '
+                            f'{self.max_rounds!r}.')
 
 
 class StageSchedule:
@@ -66,8 +74,14 @@ class StageSchedule:
                 raise RaveError(f'stage "{spec.name}" has no length (~) but is followed by other stages.')
         if any(spec.length is None for spec in self.rounds):
             raise RaveError('stages repeated in rounds need finite lengths.')
-        if self.rounds and self.num_rounds is None and all(spec.length == 0 for spec in self.rounds):
-            raise RaveError('the repeated round stages all have length 0, so rounds would never advance.')
+        for spec in self.prefix:
+            if spec.max_rounds is not None:
+                raise RaveError(f'stage "{spec.name}" runs once, before the rounds; max_rounds applies only to '
+                                'stages repeated in rounds.')
+        if self.rounds and self.num_rounds is None and all(spec.length == 0 or spec.max_rounds is not None
+                                                           for spec in self.rounds):
+            raise RaveError('every repeated round stage has length 0 or a max_rounds, so once those rounds are '
+                            'over rounds would never advance; give num_rounds or a stage that runs in every round.')
         # position
         self.index = 0          # index into prefix + rounds (flattened positions of the current round)
         self.round = 0          # 0-based round number (0 while in the prefix)
@@ -94,6 +108,12 @@ class StageSchedule:
     def in_rounds(self) -> bool:
         return self.index >= len(self.prefix)
 
+    def runs_in_round(self, name: str, round_: int) -> bool:
+        """Whether the round stage ``name`` will run (has a length and is within its ``max_rounds``) in ``round_``
+        (0-based)."""
+        spec = next(spec for spec in self.rounds if spec.name == name)
+        return spec.length != 0 and (spec.max_rounds is None or round_ < spec.max_rounds)
+
     def describe(self) -> str:
         length = '∞' if self.length is None else self.length
         where = f', round {self.round + 1}' if self.in_rounds() else ''
@@ -118,7 +138,7 @@ class StageSchedule:
             if index >= len(self.prefix) and self.num_rounds == 0:
                 self.finished = True
                 break
-            if spec.length == 0:
+            if spec.length == 0 or (index >= len(self.prefix) and not self.runs_in_round(spec.name, self.round)):
                 self.history.append({'name': spec.name, 'round': self.round, 'iterations': 0})
                 index += 1
                 continue
