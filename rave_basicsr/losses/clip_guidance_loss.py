@@ -65,20 +65,23 @@ def _check_pair(guidance: torch.Tensor, embeds: torch.Tensor, name: str) -> None
                         f'{list(guidance.shape)}; both must share the embedding size D of one encoder.')
 
 
+def _scaled_cosines(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """``[B, 2]`` ``scale · cos`` similarities to the (negative, positive) members, in float32 whatever autocast says."""
+    with torch.autocast(device_type=embeds.device.type, enabled=False):
+        return logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
+
+
 def member_probabilities(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
     """``[B, 2]`` softmax probabilities of the (negative, positive) members over ``scale · cos`` similarities,
-    in float32 whatever autocast says."""
-    with torch.autocast(device_type=embeds.device.type, enabled=False):
-        logits = logit_scale * F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
-        return logits.softmax(dim=-1)
+    in float32."""
+    return _scaled_cosines(embeds, guidance, logit_scale).softmax(dim=-1)
 
 
 def pair_logits(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:
     """``[B]`` logits ``scale · (cos(e, g_1) - cos(e, g_0))``: the well-lit probability of
-    :func:`member_probabilities` is their sigmoid. In float32 whatever autocast says."""
-    with torch.autocast(device_type=embeds.device.type, enabled=False):
-        cosines = F.normalize(embeds.float(), dim=-1) @ F.normalize(guidance.float(), dim=-1).t()
-        return logit_scale * (cosines[:, 1] - cosines[:, 0])
+    :func:`member_probabilities` is their sigmoid. In float32."""
+    logits = _scaled_cosines(embeds, guidance, logit_scale)
+    return logits[:, 1] - logits[:, 0]
 
 
 def negative_probability(embeds: torch.Tensor, guidance: torch.Tensor, logit_scale: float = 100.0) -> torch.Tensor:

@@ -211,8 +211,8 @@ class CLIPLITModel(BacklitBaseModel):
                             'pair of a training; keep one of them.')
         self.pair_param = self.build_pair()
         translation = isinstance(self.cri_guidance, ResidualTranslationLoss)
-        self.set_target = getattr(self.cri_guidance, 'stop_at', None)
-        self.set_target = self.set_target if self.set_target in SET_TARGETS else None
+        stop_at = getattr(self.cri_guidance, 'stop_at', None)
+        self.set_target = stop_at if stop_at in SET_TARGETS else None
         needs_means = (translation or self.latent_init == 'set_means') and not resuming
         vector = (self.embed_prompt_data(data_opt, keep_embeddings=self.set_target is not None)
                   if needs_means or self.set_target else None)
@@ -415,8 +415,9 @@ class CLIPLITModel(BacklitBaseModel):
             self.record_results(round_, current_iter)
 
     def results_ranked(self, round_: int) -> bool:
-        """Whether a prompt stage will rank the results of round ``round_`` (the prompt stage of that round, or of
-        the next, runs): past ``train:prompt:max_rounds`` recording them would be wasted work."""
+        """Whether a prompt stage will rank the results of round ``round_``, that is, whether the round's prompt
+        stage runs (none runs after a round without one): past ``train:prompt:max_rounds`` recording them would be
+        wasted work."""
         return self.schedule.runs_in_round('prompt', round_)
 
     def record_results(self, round_: int, current_iter: int) -> None:

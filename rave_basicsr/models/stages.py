@@ -52,6 +52,10 @@ class StageSpec:
             raise RaveError(f'stage "{self.name}": max_rounds must be an integer >= 0 or ~ (every round), got '
                             f'{self.max_rounds!r}.')
 
+    def runs_in(self, round_: int) -> bool:
+        """Whether the stage runs (has iterations and is within its ``max_rounds``) in ``round_`` (0-based)."""
+        return self.length != 0 and (self.max_rounds is None or round_ < self.max_rounds)
+
 
 class StageSchedule:
     """The stage sequence (prefix once, then rounds) and the position in it; see the module docstring."""
@@ -111,8 +115,7 @@ class StageSchedule:
     def runs_in_round(self, name: str, round_: int) -> bool:
         """Whether the round stage ``name`` will run (has a length and is within its ``max_rounds``) in ``round_``
         (0-based)."""
-        spec = next(spec for spec in self.rounds if spec.name == name)
-        return spec.length != 0 and (spec.max_rounds is None or round_ < spec.max_rounds)
+        return next(spec for spec in self.rounds if spec.name == name).runs_in(round_)
 
     def describe(self) -> str:
         length = '∞' if self.length is None else self.length
@@ -138,7 +141,7 @@ class StageSchedule:
             if index >= len(self.prefix) and self.num_rounds == 0:
                 self.finished = True
                 break
-            if spec.length == 0 or (index >= len(self.prefix) and not self.runs_in_round(spec.name, self.round)):
+            if not spec.runs_in(self.round):  # prefix stages have no max_rounds (checked above)
                 self.history.append({'name': spec.name, 'round': self.round, 'iterations': 0})
                 index += 1
                 continue
