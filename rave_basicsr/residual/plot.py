@@ -61,7 +61,7 @@ def bar_chart(summary: Dict[str, Any]) -> np.ndarray:
 
 def projection_panel(vector: ResidualVector, size: int = 480) -> np.ndarray:
     """RGB uint8 scatter of the stored image embeddings in the (residual, complement PC1) plane."""
-    coords = {k: v.numpy() for k, v in projection_2d(vector).items()}
+    coords = {k: v.cpu().numpy() for k, v in projection_2d(vector).items()}
     points = np.concatenate([coords['well_lit'], coords['backlit'], coords['means']])
     low, high = points.min(axis=0), points.max(axis=0)
     span = np.maximum(high - low, 1e-6)
