@@ -198,6 +198,34 @@ def test_deterministic_given_seeds(backlit_dir):
     assert not torch.equal(draw(7), draw(8))
 
 
+def test_exposure_range_scales_each_image_by_one_gain_and_clips(backlit_dir):
+    opt = {'dataroot_backlit': str(backlit_dir), 'resize': 24, 'augment': 'none'}
+    plain = UnpairedBacklitDataset(opt)
+    varied = UnpairedBacklitDataset(dict(opt, exposure_range=[0.8, 1.25]))
+    random.seed(3)
+    gains = []
+    for i in range(5):
+        base, out = plain[i]['lq'], varied[i]['lq']
+        unclipped = (out < 1) & (base > 0.05)
+        ratio = out[unclipped] / base[unclipped]
+        gain = float(ratio.median())
+        assert 0.8 <= gain <= 1.25
+        torch.testing.assert_close(out, (base * gain).clamp(0, 1), rtol=1e-5, atol=1e-5)  # one gain, then clipped
+        gains.append(gain)
+    assert len({round(g, 4) for g in gains}) == 5  # a new draw per image
+    assert float(plain[0]['lq'].max()) < 1 and any(float(varied[i]['lq'].max()) == 1 for i in range(5))
+    for bad, message in (([1.2], 'expected two numbers'), ([1.3, 1.1], 'need 0 < low <= high'),
+                         ('bright', 'expected two numbers'), ([0, 1.2], 'need 0 < low <= high')):
+        with pytest.raises(RaveError, match=f'option exposure_range: {message}'):
+            UnpairedBacklitDataset(dict(opt, exposure_range=bad))
+
+
+def test_exposure_range_refused_for_labelled_images(backlit_dir, welllit_dir):
+    with pytest.raises(RaveError, match='option exposure_range cannot be used with return_welllit: true'):
+        UnpairedBacklitDataset({'dataroot_backlit': str(backlit_dir), 'dataroot_welllit': str(welllit_dir),
+                                'return_welllit': True, 'exposure_range': [0.8, 1.25]})
+
+
 def test_labelled_balancing_and_explicit_labels(backlit_dir, welllit_dir):
     assert balanced_indices(2, 5) == [0, 1, 0, 1, 0]
     opt = {'dataroot_backlit': str(backlit_dir), 'dataroot_welllit': str(welllit_dir), 'resize': 16}

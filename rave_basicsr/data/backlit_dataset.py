@@ -15,8 +15,8 @@ from basicsr.utils.registry import DATASET_REGISTRY
 
 from rave_basicsr.data.image_source import ImageSource
 from rave_basicsr.data.transforms import (NETWORK_ZOOM_RANGE, PROMPT_ZOOM_RANGE, SMALL_IMAGE_POLICIES,
-                                          augment_images, check_augment_mode, check_zoom_range, prepare_size,
-                                          to_tensor)
+                                          augment_images, check_augment_mode, check_positive_range, prepare_size,
+                                          to_tensor, vary_exposure)
 from rave_basicsr.utils.errors import RaveError
 
 BACKLIT_LABEL = 0
@@ -66,7 +66,8 @@ class _BacklitTrainingSet(data.Dataset):
                             f'{", ".join(SMALL_IMAGE_POLICIES)}.')
         self.augment = opt.get('augment', 'official')
         check_augment_mode(self.augment)
-        self.zoom_range = check_zoom_range(opt.get('zoom_range', self.default_zoom_range))
+        self.zoom_range = check_positive_range(opt.get('zoom_range', self.default_zoom_range), 'zoom_range')
+        self.exposure_range: Optional[Tuple[float, float]] = None  # set by the sets that offer it
 
         if opt.get('check_images', False):
             for source in (self.backlit, self.welllit):
@@ -86,6 +87,8 @@ class _BacklitTrainingSet(data.Dataset):
 
     def _single_item(self, source: ImageSource, index: int) -> dict:
         img = augment_images([self._load(source, index)], self.augment, self.zoom_range)[0]
+        if self.exposure_range is not None:
+            img = vary_exposure(img, self.exposure_range)
         return {'lq': to_tensor(img), 'lq_path': source.path(index)}
 
 
@@ -95,8 +98,10 @@ class UnpairedBacklitDataset(_BacklitTrainingSet):
 
     Options: ``dataroot_backlit`` (required); ``resize`` (512, squash as the originals) or ``crop_size`` (random
     crop; ``small_image_policy: upscale | error`` for smaller images); ``augment: official | none``;
-    ``zoom_range`` ([0.7, 1.3]); ``io_backend``; ``recursive``; ``check_images``. With ``dataroot_welllit`` and
-    ``return_welllit: true`` it serves balanced, labelled backlit + well-lit images instead.
+    ``zoom_range`` ([0.7, 1.3]); ``exposure_range`` (``~``: none; ``[low, high]``: each image multiplied by a gain
+    drawn from it and clipped, :func:`vary_exposure`, not in the originals); ``io_backend``; ``recursive``;
+    ``check_images``. With ``dataroot_welllit`` and ``return_welllit: true`` it serves balanced, labelled backlit +
+    well-lit images instead (without ``exposure_range``: a gain would move images across the labels).
 
     Returns ``{'lq': 3×H×W float32 RGB in [0, 1], 'lq_path': str}``, plus ``'label'`` (0 backlit, 1 well-lit)
     when labelled.
@@ -109,6 +114,11 @@ class UnpairedBacklitDataset(_BacklitTrainingSet):
             raise RaveError('option return_welllit: true needs dataroot_welllit (the well-lit image set).')
         self.items = self._labelled_items() if self.labelled else \
             [(self.backlit, i, BACKLIT_LABEL) for i in range(len(self.backlit))]
+        if opt.get('exposure_range') is not None:
+            if self.labelled:
+                raise RaveError('option exposure_range cannot be used with return_welllit: true (a gain would move '
+                                'images across the backlit / well-lit labels); set one of them to ~.')
+            self.exposure_range = check_positive_range(opt['exposure_range'], 'exposure_range')
 
     def __len__(self) -> int:
         return len(self.items)

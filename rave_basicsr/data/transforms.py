@@ -93,15 +93,26 @@ def check_augment_mode(mode: str, option: str = 'augment') -> None:
         raise RaveError(f'option {option}: "{mode}" is not one of {", ".join(AUGMENT_MODES)}.')
 
 
-def check_zoom_range(zoom_range, option: str = 'zoom_range') -> Tuple[float, float]:
-    """Validate a ``[low, high]`` zoom range option."""
+def check_positive_range(value, option: str) -> Tuple[float, float]:
+    """Validate a ``[low, high]`` option with ``0 < low <= high`` (``zoom_range``, ``exposure_range``)."""
     try:
-        low, high = (float(v) for v in zoom_range)
+        low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise RaveError(f'option {option}: expected two numbers [low, high], got {zoom_range!r}.') from None
+        raise RaveError(f'option {option}: expected two numbers [low, high], got {value!r}.') from None
     if not 0 < low <= high:
         raise RaveError(f'option {option}: need 0 < low <= high, got [{low}, {high}].')
     return low, high
+
+
+def vary_exposure(img: np.ndarray, gain_range: Sequence[float]) -> np.ndarray:
+    """Multiply an image by one gain drawn uniformly from ``gain_range`` and clip to [0, 1] (not in the originals).
+
+    Shows the network pixel values its training set lacks: a gain above 1 saturates bright regions as real skies
+    are, and below 1 darkens the subject further, so the network learns what to do across the whole range rather
+    than extrapolating its tone curve beyond the brightest training pixels.
+    """
+    gain = random.uniform(gain_range[0], gain_range[1])
+    return np.clip(img * gain, 0, 1).astype(img.dtype, copy=False)
 
 
 def resize_squash(img: np.ndarray, size: int) -> np.ndarray:
