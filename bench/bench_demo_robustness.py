@@ -35,7 +35,8 @@ do not count) on the same data (:func:`same_data`; every set is regenerated firs
 as training seconds are wall time on a possibly shared machine, the 1-minute load average before and after it.
 ``--one-run-per-seed`` trains each set and seed once, at the longest length, and scores its checkpoints at the shorter
 lengths as their runs (:func:`train_and_score`: the same networks, bit for bit, for 4 instead of 7 times the 1×
-training of a 1×/2×/4× sweep).
+training of a 1×/2×/4× sweep). Stopped with SIGTERM (``kill``), a sweep ends its running trainings and
+enhancements with it and starts no more; the runs finished until then are in the results file.
 
     python bench/bench_demo_robustness.py [--opt options/demo/train_rave_demo.yml] [--models demo mild ...]
         [--lengths 1 2 4] [--seeds 0 1 2] [--quick] [--fresh] [--rescore] [--jobs 2] [--one-run-per-seed]
@@ -47,9 +48,11 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime
@@ -185,6 +188,46 @@ def illumination_texture(inp: np.ndarray, out: np.ndarray) -> float:
     return float(np.abs(log_l - smooth)[usable > 0].mean())
 
 
+class ChildProcesses:
+    """The sweep's running children (trainings and enhancements), so that a stopped sweep ends them too: Python's
+    default SIGTERM exit would leave them running, competing for the cores with whatever runs next."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.running: set = set()
+        self.stopping = False
+
+    def run(self, command: List[str], **kwargs) -> subprocess.CompletedProcess:
+        """``subprocess.run(command, capture_output=True, text=True, **kwargs)`` that :meth:`stop` can end."""
+        with self._lock:
+            if self.stopping:
+                raise RuntimeError(f'the sweep is stopping; not starting {command[:4]}')
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+            self.running.add(process)
+        try:
+            stdout, stderr = process.communicate()
+        finally:
+            with self._lock:
+                self.running.discard(process)
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """Start no more children and kill the running ones (their runs fail; finished runs are already saved)."""
+        with self._lock:
+            self.stopping = True
+            for process in self.running:
+                process.kill()
+
+
+CHILDREN = ChildProcesses()
+
+
+def stop_on_signal(signum: int, frame) -> None:
+    """The SIGTERM handler of a sweep: end its children, then exit with the signal's status."""
+    CHILDREN.stop()
+    sys.exit(128 + signum)
+
+
 def load8(path: Path) -> np.ndarray:
     """An image as 8-bit-valued float64 RGB (as ``scripts/demo.sh`` scores it)."""
     return np.round(read_image(str(path)).rgb * 255).astype(np.float64)
@@ -194,7 +237,7 @@ def enhance(inputs: Path, out_dir: Path, weights: Path) -> None:
     """``rave enhance`` in a child process, fp32, replacing earlier outputs."""
     command = [sys.executable, '-m', 'rave_basicsr.cli.rave_cli', 'enhance', str(inputs), '-o', str(out_dir),
                '--weights', str(weights), '--precision', 'fp32', '--overwrite']
-    done = subprocess.run(command, capture_output=True, text=True, env=single_thread_env())
+    done = CHILDREN.run(command, env=single_thread_env())
     if done.returncode != 0:
         raise RuntimeError(f'rave enhance failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}')
 
@@ -264,8 +307,8 @@ def train_copy(options: dict, work: Path) -> Path:
     option_file = work / 'options' / f'{name}.yml'
     option_file.parent.mkdir(parents=True, exist_ok=True)
     option_file.write_text(yaml.safe_dump(options, sort_keys=False))
-    done = subprocess.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
-                          cwd=work, capture_output=True, text=True, env=single_thread_env())
+    done = CHILDREN.run([sys.executable, '-m', 'rave_basicsr.cli.basicsr_cli', 'train', '-opt', str(option_file)],
+                        cwd=work, env=single_thread_env())
     if done.returncode != 0:
         raise RuntimeError(f'basicsr train failed for {name}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}')
     return work / 'experiments' / name
@@ -527,6 +570,7 @@ def main() -> None:
                         help='train only the longest length per set and seed, and score its checkpoints at the '
                              'shorter lengths as their runs (the same networks: train_and_score)')
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, stop_on_signal)  # a stopped sweep ends its trainings too
     if args.quick:
         args.models, args.lengths, args.seeds = ['mild'], [1], [0]
     torch.set_num_threads(1)

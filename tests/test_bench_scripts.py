@@ -3,9 +3,13 @@
 The benchmarks are not run by the suite (they measure, and take minutes), so a moved helper would otherwise only
 show when someone next runs one. One child process runs them all (the scripts set thread counts and ``sys.path``).
 """
+import os
 import subprocess
 import sys
 import textwrap
+import time
+
+import pytest
 
 from tests.pipeline_helpers import subprocess_env
 from tests.shared_data import REPO_ROOT
@@ -281,3 +285,61 @@ def test_one_run_per_seed_scores_the_same_networks_as_runs_of_their_own(tmp_path
     assert not all(torch.equal(final[key][name], part[key][name]) for key in final for name in final[key])  # trained on
     assert both['mild_x1_s0']['images'] == alone['mild_x1_s0']['images']
     assert 0 < both['mild_x1_s0']['train_seconds'] < both['mild_x2_s0']['train_seconds']
+
+
+STOP_DRIVER = textwrap.dedent('''
+    import runpy, signal, sys, threading, time
+    bench = runpy.run_path(sys.argv[1], run_name='bench_demo_robustness')
+    signal.signal(signal.SIGTERM, bench['stop_on_signal'])
+    children = bench['CHILDREN']
+    sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']
+    threading.Thread(target=children.run, args=(sleeper,), daemon=True).start()
+    while not children.running:
+        time.sleep(0.05)
+    print(next(iter(children.running)).pid, flush=True)
+    time.sleep(120)
+''')
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a killed child that nobody has reaped yet (a zombie) counts as ended."""
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+def test_a_terminated_sweep_ends_its_trainings_and_starts_no_more():
+    """SIGTERM to bench_demo_robustness (a sweep stopped with kill / pkill) ends its child processes too: they used
+    to train on, orphaned, taking the cores of the next sweep; and a stopped sweep starts no new child."""
+    import runpy
+
+    bench_path = str(REPO_ROOT / 'bench' / 'bench_demo_robustness.py')
+    driver = subprocess.Popen([sys.executable, '-c', STOP_DRIVER, bench_path], stdout=subprocess.PIPE, text=True,
+                              env=subprocess_env())
+    try:
+        child_pid = int(driver.stdout.readline())
+        assert process_alive(child_pid)
+        driver.terminate()
+        assert driver.wait(timeout=30) == 128 + 15
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and process_alive(child_pid):
+            time.sleep(0.1)
+        if process_alive(child_pid):
+            raise AssertionError(f'the child {child_pid} outlived its terminated sweep')
+    finally:
+        driver.kill()
+        driver.wait()
+
+    children = runpy.run_path(bench_path, run_name='bench_demo_robustness')['ChildProcesses']()
+    assert children.run([sys.executable, '-c', 'print(6 * 7)']).stdout.strip() == '42'
+    children.stop()
+    with pytest.raises(RuntimeError, match='the sweep is stopping'):
+        children.run([sys.executable, '-c', 'pass'])
