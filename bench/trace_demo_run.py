@@ -18,6 +18,7 @@ Writes ``bench/results/trace_<option file stem>_<backlight>_s<seed>[_<name>].jso
 import argparse
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -159,6 +160,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--work', help='work folder (default: under the system temp folder)')
     parser.add_argument('--out', default=str(RESULTS))
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, robustness.stop_on_signal)  # a stopped trace ends its training too
 
     opt_path = Path(args.opt).resolve()
     base = robustness.load_option_file(str(opt_path))
