@@ -5,6 +5,7 @@ device counts and bfloat16 support are monkeypatched, autocast runs on the CPU, 
 with CPU autocast. Factory calls without ``device=`` are caught by ``tests/test_default_device.py``. Over 400 lines:
 one test (or two) per defect of the GPU path, kept together so that the list of defects reads in one place.
 """
+import copy
 import datetime
 import math
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from basicsr.data import build_dataset
 from basicsr.models import build_model
 
@@ -25,7 +27,7 @@ from rave_basicsr.cli.rave_cli import main as rave_main
 from rave_basicsr.inference import enhancer as enhancer_module
 from rave_basicsr.inference.enhance import enhance_files
 from rave_basicsr.inference.enhancer import Enhancer
-from rave_basicsr.inference.precision import resolve_precision
+from rave_basicsr.inference.precision import mixed_precision_copy, resolve_precision
 from rave_basicsr.losses.clip_guidance_loss import (CLIPIdentityLoss, PromptGuidanceLoss, PromptInitLoss,
                                                     PromptRankingLoss, ResidualTranslationLoss,
                                                     ResidualVectorLoss)
@@ -136,6 +138,34 @@ def test_every_loss_is_float32_inside_bf16_autocast(name, loss, args):
         mixed = loss(*args)
     assert mixed.dtype == torch.float32
     assert float(mixed) == pytest.approx(float(reference), rel=1e-6, abs=1e-6), name
+
+
+@pytest.mark.parametrize('precision', ['bf16 autocast', 'bf16 network', 'fp16 network', 'mixed'])
+def test_pyramid_pooling_averages_in_float32_in_every_precision(precision, monkeypatch):
+    """CUDA's float16 adaptive pooling returned zeros for the 2×2, 3×3 and 6×6 bins of a 4000×3000 image on an
+    H200 (13 grey levels off); the network pools in float32 whatever it computes in, as the exact tiling does."""
+    network = BacklitUNet().eval()
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+    pooled_dtypes = []
+    original = F.adaptive_avg_pool2d
+
+    def recording_pool(input, output_size):
+        pooled_dtypes.append(input.dtype)
+        return original(input, output_size)
+    monkeypatch.setattr(F, 'adaptive_avg_pool2d', recording_pool)
+    with torch.no_grad():
+        reference = network.illumination(image)
+        pooled_dtypes.clear()
+        if precision == 'bf16 autocast':
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                light = network.illumination(image)
+        elif precision == 'mixed':
+            light = mixed_precision_copy(network).illumination(image)
+        else:
+            dtype = torch.bfloat16 if precision == 'bf16 network' else torch.float16
+            light = copy.deepcopy(network).to(dtype).illumination(image.to(dtype))
+    assert pooled_dtypes == [torch.float32] * 4, pooled_dtypes
+    torch.testing.assert_close(light.float(), reference, rtol=0, atol=0.02)
 
 
 # ------------------------------------------------------------------------------ 4. validation tiles large images

@@ -93,15 +93,28 @@ class ResidualBlock(nn.Module):
         return self.lrelu(out)
 
 
+class Float32AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Adaptive average pooling computed in float32 whatever the input's dtype; the result has the input's dtype.
+
+    The bins average up to millions of pixels, and CUDA's float16 pooling gets them wrong on large inputs: on an
+    H200 (torch 2.11, CUDA 13) every value of the 2×2, 3×3 and 6×6 bins came out 0 for a 4000×3000 image, which
+    moved the fp16 output by 13 grey levels (0.3 with this pooling). The exact tiling pools in float32 too.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(input.float(), self.output_size).to(input.dtype)
+
+
 class PyramidPooling(nn.Module):
-    """Pyramid pooling: per bin, adaptive average pool → 1×1 conv → PReLU → bilinear upsampling
+    """Pyramid pooling: per bin, adaptive average pool (in float32) → 1×1 conv → PReLU → bilinear upsampling
     (``align_corners=True``); concatenated with the input and fused by a zero-padded 3×3 conv + PReLU."""
 
     def __init__(self, in_channels: int, reduction: int = 8, bins: Sequence[int] = PPM_BINS):
         super().__init__()
         self.bins = tuple(bins)
         self.features = nn.ModuleList([
-            nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction, 1, bias=False), nn.PReLU())
+            nn.Sequential(Float32AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction, 1, bias=False),
+                          nn.PReLU())
             for b in self.bins
         ])
         self.fuse = nn.Sequential(
