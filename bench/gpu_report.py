@@ -204,12 +204,14 @@ def training_lines(found: Dict[str, dict]) -> List[str]:
     rows = []
     for method in ('rave', 'clip_lit_latent'):
         values = found.get(f'test_fp32_resume_on_cuda_matches_an_uninterrupted_run[{method}]', {})
-        rows.append([method, values.get('max_diff_resumed_vs_uninterrupted'),
+        rows.append([method, values.get('l2_resumed_vs_uninterrupted'), values.get('l2_between_uninterrupted_runs'),
+                     values.get('l2_change_after_interruption'), values.get('max_diff_resumed_vs_uninterrupted'),
                      values.get('max_diff_between_uninterrupted_runs'), values.get('max_change_after_interruption'),
                      values.get('bit_identical_resume')])
-    lines += ['fp32: resumed against uninterrupted runs (largest weight difference):', '']
+    lines += ['fp32: resumed against uninterrupted runs (distance over all weights, and largest single-weight '
+              'difference):', '']
     lines += _table(['method', 'resumed vs uninterrupted', 'two uninterrupted runs', 'change after the interruption',
-                     'bit-identical'], rows)
+                     'max: resumed', 'max: two runs', 'max: change', 'bit-identical'], rows)
     for method in ('rave', 'clip_lit_latent'):
         for ranks in (1, 2):
             values = found.get(f'test_torchrun_on_cuda_uses_nccl[{method}-{ranks}]')

@@ -15,7 +15,9 @@ so that ``scripts/gpu_check.sh`` runs one module.
   runs of both with nccl, and two ranks where two GPUs exist. The training runs are independent processes, so they
   all start at once in the background when the first test of this module runs and the tests collect them.
 """
+import inspect
 import json
+import math
 import os
 import re
 import time
@@ -194,6 +196,33 @@ def test_tiled_equals_whole_on_cuda(weights, photos, precision, report):
         assert worst < GREY, report
 
 
+#: the large photo of :func:`test_reduced_precisions_on_a_12_megapixel_photo_in_one_pass`, and the GPU memory its
+#: one-pass fp32 reference needs (20.8 GB measured on an H200)
+LARGE_PHOTO = (3000, 4000)
+LARGE_PHOTO_MIN_GPU_GB = 32
+
+
+@pytest.mark.parametrize('precision', ['mixed', 'bf16', 'fp16'])
+def test_reduced_precisions_on_a_12_megapixel_photo_in_one_pass(shared_data, weights, precision, report):
+    """A 4000×3000 photo in one pass (``--tile 0``) against fp32: the pyramid pooling averages millions of pixels
+    per bin, and CUDA's float16 pooling returned zeros for most bins at this size (13 grey levels off) until the
+    network pooled in float32."""
+    total_gb = torch.cuda.get_device_properties(CUDA).total_memory / 2 ** 30
+    if total_gb < LARGE_PHOTO_MIN_GPU_GB:
+        pytest.skip(f'a one-pass fp32 reference of a 4000x3000 photo needs about {LARGE_PHOTO_MIN_GPU_GB} GB; this '
+                    f'GPU has {total_gb:.0f} GB')
+    import cv2
+    small = read_image(str(shared_data / 'backlit_samples' / 'backlit_1.png')).rgb
+    photo = cv2.resize(small, LARGE_PHOTO[::-1], interpolation=cv2.INTER_CUBIC).clip(0, 1)
+    network = released(weights, CUDA)
+    reference = Enhancer(network, 'fp32').enhance_array(photo, 0)
+    output = Enhancer(network, precision).enhance_array(photo, 0)
+    report.update(precision=precision, size=f'{LARGE_PHOTO[1]}x{LARGE_PHOTO[0]}', bound=PRECISION_MAX_GREY[precision],
+                  max_grey_diff_vs_fp32=grey_levels(output - reference),
+                  mean_grey_diff_vs_fp32=float(np.abs(output - reference).mean() / GREY))
+    assert report['max_grey_diff_vs_fp32'] < PRECISION_MAX_GREY[precision], report
+
+
 def test_auto_precision_is_mixed_on_a_gpu_with_native_bfloat16(weights, report):
     capability = torch.cuda.get_device_capability(CUDA)
     expected = 'mixed' if capability >= (8, 0) else 'fp32'
@@ -354,9 +383,14 @@ def start_jobs(root: Path, jobs: Dict[tuple, Callable]) -> TrainingRuns:
 
 
 @pytest.fixture(scope='module', autouse=True)
-def training(tmp_path_factory) -> TrainingRuns:
-    """The module's training runs, started when its first test starts (they overlap the enhancement tests)."""
+def training(request, tmp_path_factory) -> TrainingRuns:
+    """The module's training runs, started when its first test starts (they overlap the enhancement tests); none
+    when no selected test reads them (``-k`` on the enhancement tests)."""
     root = tmp_path_factory.mktemp('train')
+    if not any('training' in inspect.signature(item.function).parameters for item in request.session.items
+               if isinstance(item, pytest.Function)):
+        yield TrainingRuns(root, {})
+        return
     data = demo_data(root / 'data', size=48, n_train=4, n_welllit=4, n_val=2)
     runs = start_jobs(root, training_jobs(root, data))
     yield runs
@@ -371,6 +405,12 @@ def load_params(path: Path) -> Dict[str, torch.Tensor]:
 def max_difference(first: Dict[str, torch.Tensor], second: Dict[str, torch.Tensor]) -> float:
     assert first.keys() == second.keys()
     return max(float((first[key].float() - second[key].float()).abs().max()) for key in first)
+
+
+def l2_distance(first: Dict[str, torch.Tensor], second: Dict[str, torch.Tensor]) -> float:
+    """Euclidean distance between two sets of weights, all parameters taken as one vector."""
+    assert first.keys() == second.keys()
+    return math.sqrt(sum(float((first[key].double() - second[key].double()).square().sum()) for key in first))
 
 
 @pytest.mark.parametrize('precision', TRAIN_PRECISIONS)
@@ -402,18 +442,25 @@ def test_training_on_cuda_interrupted_and_resumed_reaches_the_end(training, meth
 
 
 #: a resumed fp32 run may differ from an uninterrupted one by this fraction of how far the weights moved after the
-#: interruption, or by this multiple of the difference between two uninterrupted runs if that is larger: GPU kernels
-#: that add with atomics (pooling and upsampling backward) and the algorithms cuDNN's autotuning picks (BasicSR turns
-#: it on) make GPU training nondeterministic, so bit-identical resumes cannot be asked for there
+#: interruption, or by this multiple of the difference between two uninterrupted runs if that is larger (distances
+#: over all weights as one vector). GPU kernels that add with atomics (pooling and upsampling backward) and the
+#: algorithms cuDNN's autotuning picks (BasicSR turns it on) make GPU training nondeterministic, so bit-identical
+#: resumes cannot be asked for there. The largest single-weight difference is no measure of that noise: Adam moves
+#: every weight by about the learning rate per step whatever its gradient's size, so a weight whose gradient is
+#: close to zero takes full steps in directions that the noise decides (on an H200, two uninterrupted RAVE runs
+#: differed in one weight by 66 % of the largest change after the interruption).
 RESUME_GAP_MAX_FRACTION = 0.01
 RESUME_GAP_MAX_NOISE_FACTOR = 10
+#: the comparison only tells a resume that loses state (optimiser moments, RNG, stage counter: each moves the weights
+#: about as far as training does) from GPU noise while the noise stays below this fraction of that change
+RESUME_NOISE_MAX_FRACTION = 0.25
 
 
 @pytest.mark.parametrize('method', METHODS)
 def test_fp32_resume_on_cuda_matches_an_uninterrupted_run(training, method, report):
     """A lost optimiser state, RNG state or stage counter would move the weights about as far as training does; GPU
-    nondeterminism (measured between two uninterrupted runs) moves them orders of magnitude less. Whether the resume
-    is bit-identical, as it is on the CPU, is recorded."""
+    nondeterminism (measured between two uninterrupted runs) moves them much less. Whether the resume is
+    bit-identical, as it is on the CPU, is recorded."""
     training.wait((method, 'fp32'), report, required=('interrupted', 'resumed'))
     training.wait((method, 'reference'), report)
     training.wait((method, 'reference2'), report)
@@ -421,9 +468,12 @@ def test_fp32_resume_on_cuda_matches_an_uninterrupted_run(training, method, repo
     at_stop = load_params(training.experiment(method, 'fp32') / 'models' / f'net_g_{STOP_AT[method]}.pth')
     reference = load_params(training.experiment(method, 'reference') / 'models' / 'net_g_latest.pth')
     reference2 = load_params(training.experiment(method, 'reference2') / 'models' / 'net_g_latest.pth')
-    report['max_diff_resumed_vs_uninterrupted'] = gap = max_difference(resumed, reference)
-    report['max_diff_between_uninterrupted_runs'] = noise = max_difference(reference, reference2)
-    report['max_change_after_interruption'] = progress = max_difference(reference, at_stop)
+    report['max_diff_resumed_vs_uninterrupted'] = max_difference(resumed, reference)
+    report['max_diff_between_uninterrupted_runs'] = max_difference(reference, reference2)
+    report['max_change_after_interruption'] = max_difference(reference, at_stop)
+    report['l2_resumed_vs_uninterrupted'] = gap = l2_distance(resumed, reference)
+    report['l2_between_uninterrupted_runs'] = noise = l2_distance(reference, reference2)
+    report['l2_change_after_interruption'] = progress = l2_distance(reference, at_stop)
     report['deterministic'] = noise == 0
     report['bit_identical_resume'] = gap == 0
     if method == 'clip_lit_latent':
@@ -432,6 +482,9 @@ def test_fp32_resume_on_cuda_matches_an_uninterrupted_run(training, method, repo
         report['max_diff_guidance_pair'] = float((pairs[0] - pairs[1]).abs().max())
     report['allowed'] = allowed = max(RESUME_GAP_MAX_FRACTION * progress, RESUME_GAP_MAX_NOISE_FACTOR * noise)
     assert progress > 0, 'training did not move the weights after the interruption'
+    assert noise < RESUME_NOISE_MAX_FRACTION * progress, (
+        f'two uninterrupted runs differ by {noise / progress:.0%} of the change after the interruption: too noisy to '
+        f'tell a resume that loses state from GPU nondeterminism; {report}')
     assert gap <= allowed and gap < 0.5 * progress, report
 
 
