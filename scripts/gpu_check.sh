@@ -5,7 +5,7 @@
 #      outputs, exact tiling, RAVE and CLIP-LIT-Latent training in fp32/fp16/bf16 interrupted and resumed,
 #      basicsr test, torchrun with nccl (at most $RAVE_GPU_TESTS_BUDGET s, default 200);
 #   3. bench/bench_gpu.py: a 12-megapixel photo in each precision, the training stages at the originals' size
-#      (at most $RAVE_GPU_BENCH_BUDGET s, default 150);
+#      (at most $RAVE_GPU_BENCH_BUDGET s, default 240);
 #   4. bench/gpu_report.py: bench/results/gpu.json and gpu.md (also when a step failed or ran out of time), copied
 #      with the logs into $OUT when it is set, and a short summary.
 # Exit code: 0 when no test failed (and some passed) and the benchmarks finished; 1 otherwise (after writing the
@@ -20,7 +20,7 @@ PY=${PYTHON:-python3}
 SITE=${RAVE_GPU_SITE:-/tmp/site}
 WORK=${RAVE_GPU_WORK:-/tmp/rave_gpu_check}
 TESTS_BUDGET=${RAVE_GPU_TESTS_BUDGET:-200}
-BENCH_BUDGET=${RAVE_GPU_BENCH_BUDGET:-150}
+BENCH_BUDGET=${RAVE_GPU_BENCH_BUDGET:-240}
 STARTED=$(date +%s)
 
 die() { echo "gpu_check: error: $*" >&2; exit 2; }

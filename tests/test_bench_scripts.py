@@ -343,3 +343,29 @@ def test_a_terminated_sweep_ends_its_trainings_and_starts_no_more():
     children.stop()
     with pytest.raises(RuntimeError, match='the sweep is stopping'):
         children.run([sys.executable, '-c', 'pass'])
+
+
+def test_gpu_benchmark_builds_every_method_at_the_originals_prompt_batch(tmp_path):
+    """bench_gpu.py times CLIP-LIT at the originals' prompt batch (16), whose prompt stage draws that many
+    backlit/well-lit pairs: its data must hold that many of each (an H200 run failed there). Built on the CPU with
+    the tiny encoders; only the crop and batch are small."""
+    sys.path.insert(0, str(REPO_ROOT / 'bench'))
+    try:
+        import bench_gpu
+        import bench_methods
+    finally:
+        sys.path.remove(str(REPO_ROOT / 'bench'))
+    import argparse
+
+    import torch
+    from tests.rave_helpers import demo_data
+
+    schedule = bench_methods.default_schedule()
+    sizes = argparse.Namespace(crop=32, batch=2, prompt_batch=schedule['prompt_batch'], best_events=10,
+                               rave_guided=schedule['rave_guided'])
+    counts = bench_gpu.training_image_counts(sizes.prompt_batch)
+    assert min(counts.values()) >= sizes.prompt_batch == 16
+    data = demo_data(tmp_path / 'data', size=48, n_val=1, **counts)
+    encoders = bench_gpu.encoders_for(torch.device('cpu'), quick=True)
+    for method in ('rave', 'clip_lit', 'clip_lit_latent'):
+        assert bench_gpu.build(method, data, tmp_path / method, encoders, sizes, torch.device('cpu'), {}) is not None
