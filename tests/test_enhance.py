@@ -110,6 +110,23 @@ def test_exif_orientation_applied(weights_file, tmp_path):
     assert cv2.imread(str(tmp_path / 'out' / 'rotated.jpg')).shape[:2] == (40, 20)
 
 
+def test_png_orientation_is_read_without_decoding_a_png_twice(tmp_path, monkeypatch):
+    """A PNG's EXIF orientation (an eXIf chunk) is applied; a PNG without one is never opened by PIL, which decodes
+    the whole image to look for the chunk."""
+    exif = Image.Exif()
+    exif[274] = 6
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / 'rotated.png', exif=exif.tobytes())
+    Image.fromarray(_rgb(20, 40)).save(tmp_path / 'plain.png')
+    assert read_image(str(tmp_path / 'rotated.png')).rgb.shape[:2] == (40, 20)
+
+    opened = []
+    original_open = Image.open
+    monkeypatch.setattr(Image, 'open', lambda *args, **kwargs: opened.append(args) or original_open(*args, **kwargs))
+    assert read_image(str(tmp_path / 'plain.png')).rgb.shape[:2] == (20, 40)
+    assert opened == [], 'PIL opened a PNG that has no eXIf chunk'
+    assert read_image(str(tmp_path / 'rotated.png')).rgb.shape[:2] == (40, 20) and len(opened) == 1
+
+
 def test_cmyk_jpeg_and_one_pixel_image(weights_file, tmp_path):
     Image.new('CMYK', (16, 12), (0, 255, 255, 0)).save(tmp_path / 'cmyk.jpg')  # pure red in CMYK
     cv2.imwrite(str(tmp_path / 'dot.png'), np.array([[[10, 200, 30]]], np.uint8))

@@ -18,6 +18,7 @@ from rave_basicsr.utils.errors import RaveError
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 _EXIF_ORIENTATION_TAG = 274
+_PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
 
 class ImageReadError(RaveError):
@@ -40,6 +41,10 @@ def is_image_file(path: str) -> bool:
 
 
 def _exif_orientation(data: bytes) -> int:
+    if data.startswith(_PNG_SIGNATURE) and b'eXIf' not in data:
+        # a PNG keeps EXIF in an eXIf chunk, which may follow the pixel data: PIL decodes the whole image to look
+        # for it, which made every PNG read decode it twice (a third of the time of reading a 512-px PNG)
+        return 1
     try:
         from PIL import Image
 
