@@ -267,6 +267,37 @@ def test_labelled_pairs_share_augmentation_and_results(tmp_path, backlit_dir, we
         LabelledBacklitDataset(opt)
 
 
+@pytest.mark.parametrize('mode, size', [('single', {'resize': 20}), ('pairs', {'resize': 20}),
+                                        ('pairs', {'crop_size': 12})])
+def test_load_batch_on_threads_gives_the_serial_items_and_random_state(tmp_path, backlit_dir, welllit_dir, mode,
+                                                                       size):
+    """The prompt stages decode a batch's images on threads: the items, and the random state after them, are the
+    serial loop's (augmentation and crops drawn in the same order), with results folders too."""
+    results = tmp_path / 'results'
+    for i in range(5):
+        write(results / f'b{i}.png', noise(24, 30, seed=20 + i))
+    opt = dict({'dataroot_backlit': str(backlit_dir), 'dataroot_welllit': str(welllit_dir), 'mode': mode},
+               **size, **({'dataroot_results': [str(results)]} if mode == 'pairs' else {}))
+    indices = [3, 0, 4, 3, 1]
+    loaded = {}
+    for threads in (1, 4):
+        dataset = LabelledBacklitDataset(dict(opt, decode_threads=threads))
+        random.seed(7)
+        np.random.seed(7)
+        loaded[threads] = (dataset.load_batch(indices), random.random(), np.random.random())
+    random.seed(7)
+    np.random.seed(7)
+    serial = ([dataset[i] for i in indices], random.random(), np.random.random())
+    with pytest.raises(RaveError, match='option decode_threads: expected a positive integer or ~, got 0'):
+        LabelledBacklitDataset(dict(opt, decode_threads=0))
+    for items, after, np_after in (loaded[1], loaded[4]):
+        assert (after, np_after) == serial[1:]
+        for item, expected in zip(items, serial[0]):
+            assert item.keys() == expected.keys()
+            for key, value in item.items():
+                assert torch.equal(value, expected[key]) if torch.is_tensor(value) else value == expected[key], key
+
+
 # ---------------------------------------------------------------- paired dataset
 
 def test_paired_matches_by_stem_baid_layout(tmp_path):

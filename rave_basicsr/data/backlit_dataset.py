@@ -5,9 +5,12 @@
 Labels are explicit (0 backlit, 1 well-lit: the set an image was listed from), never guessed from paths as
 CLIP-LIT does. The smaller of the two sets is repeated to the length of the larger, as the originals balance them.
 """
+import os
 import random
-from typing import List, Optional, Tuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch.utils import data as data
 
@@ -18,6 +21,7 @@ from rave_basicsr.data.transforms import (NETWORK_ZOOM_RANGE, PROMPT_ZOOM_RANGE,
                                           augment_images, check_augment_mode, check_positive_range, prepare_size,
                                           to_tensor, vary_exposure)
 from rave_basicsr.utils.errors import RaveError
+from rave_basicsr.utils.image_io import DecodedImage
 
 BACKLIT_LABEL = 0
 WELLLIT_LABEL = 1
@@ -35,6 +39,12 @@ def _positive_int(opt: dict, key: str) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise RaveError(f'option {key}: expected a positive integer or ~, got {value!r}.')
     return value
+
+
+def default_decode_threads() -> int:
+    """Threads that decode a prompt batch by default: 8, or fewer when this process may use fewer cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return min(8, cores)
 
 
 class _BacklitTrainingSet(data.Dataset):
@@ -74,9 +84,9 @@ class _BacklitTrainingSet(data.Dataset):
                 if source is not None:
                     source.check_all()
 
-    def _load(self, source: ImageSource, index: int):
-        """Decoded RGB (alpha dropped) brought to the training size."""
-        rgb = source.read(index).rgb
+    def _load(self, source: ImageSource, index: int, decoded: Optional[DecodedImage] = None):
+        """Decoded RGB (alpha dropped) brought to the training size; ``decoded``: the image, already decoded."""
+        rgb = (decoded or source.read(index)).rgb
         return prepare_size(rgb, self.resize, self.crop_size, self.small_image_policy, source.path(index))
 
     def _labelled_items(self) -> List[Tuple[ImageSource, int, int]]:
@@ -85,8 +95,10 @@ class _BacklitTrainingSet(data.Dataset):
         return ([(self.backlit, i, BACKLIT_LABEL) for i in balanced_indices(len(self.backlit), target)] +
                 [(self.welllit, i, WELLLIT_LABEL) for i in balanced_indices(len(self.welllit), target)])
 
-    def _single_item(self, source: ImageSource, index: int) -> dict:
-        img = augment_images([self._load(source, index)], self.augment, self.zoom_range)[0]
+    def _single_item(self, source: ImageSource, index: int, sized: Optional[np.ndarray] = None) -> dict:
+        """The item of one image; ``sized``: the image already brought to the training size (:meth:`_load`)."""
+        img = self._load(source, index) if sized is None else sized
+        img = augment_images([img], self.augment, self.zoom_range)[0]
         if self.exposure_range is not None:
             img = vary_exposure(img, self.exposure_range)
         return {'lq': to_tensor(img), 'lq_path': source.path(index)}
@@ -145,7 +157,8 @@ class LabelledBacklitDataset(_BacklitTrainingSet):
     ``'results_paths'``. All images of one item get the same augmentation. Length max(N_backlit, N_welllit).
 
     Defaults follow the prompt loaders: ``resize: 256``, ``zoom_range: [0.5, 1.5]``; the other options are those
-    of :class:`UnpairedBacklitDataset`.
+    of :class:`UnpairedBacklitDataset`, plus ``decode_threads`` (:meth:`load_batch`; ``~``: up to 8, no more than
+    the cores this process may use).
     """
 
     default_resize = 256
@@ -155,6 +168,7 @@ class LabelledBacklitDataset(_BacklitTrainingSet):
         super().__init__(opt)
         if self.welllit is None:
             raise RaveError('option dataroot_welllit is required: the folder or LMDB of well-lit images.')
+        self.decode_threads = _positive_int(opt, 'decode_threads') or default_decode_threads()
         self.mode = opt.get('mode', 'single')
         if self.mode not in ('single', 'pairs'):
             raise RaveError(f'option mode: "{self.mode}" is not one of single, pairs.')
@@ -186,13 +200,52 @@ class LabelledBacklitDataset(_BacklitTrainingSet):
     def __len__(self) -> int:
         return len(self.items) if self.mode == 'single' else len(self.pairs)
 
+    def _reads(self, index: int) -> List[Tuple[ImageSource, int]]:
+        """The images item ``index`` is made of, in order: (source, index in it)."""
+        if self.mode == 'single':
+            source, source_index, _ = self.items[index]
+            return [(source, source_index)]
+        b, w = self.pairs[index]
+        return [(self.backlit, b)] + [(src, idx[b]) for src, idx in self.results] + [(self.welllit, w)]
+
     def __getitem__(self, index: int) -> dict:
+        return self._item(index, [self._load(source, i) for source, i in self._reads(index)])
+
+    def load_batch(self, indices: Sequence[int]) -> List[dict]:
+        """``[self[i] for i in indices]``, decoding (and squash-resizing) the images on ``decode_threads`` threads.
+
+        The prompt stages load a whole batch per iteration in the training process, and decoding and resizing are
+        most of that time. Files are read, and every random draw (crops, augmentation) is made, in this thread in
+        the order of the serial loop, so the items are exactly the same and the random state ends the same (exact
+        resumes).
+        """
+        reads = [self._reads(index) for index in indices]
+        flat = [(source, i, source.read_bytes(i)) for item_reads in reads for source, i in item_reads]
+
+        def decode(read: Tuple[ImageSource, int, bytes]):
+            source, i, data = read
+            image = source.decode(i, data)
+            return image if self.crop_size else self._load(source, i, image)  # a squash-resize draws nothing
+        if self.decode_threads > 1 and len(flat) > 1:
+            with ThreadPoolExecutor(max_workers=min(self.decode_threads, len(flat))) as pool:
+                images = list(pool.map(decode, flat))
+        else:
+            images = [decode(read) for read in flat]
+        items, start = [], 0
+        for index, item_reads in zip(indices, reads):
+            item_images = images[start:start + len(item_reads)]
+            if self.crop_size:  # random crops: drawn here, item by item, as the serial loop draws them
+                item_images = [self._load(source, i, image) for (source, i), image in zip(item_reads, item_images)]
+            items.append(self._item(index, item_images))
+            start += len(item_reads)
+        return items
+
+    def _item(self, index: int, images: List[np.ndarray]) -> dict:
+        """Item ``index`` from its images brought to the training size (:meth:`_reads` order)."""
         if self.mode == 'single':
             source, source_index, label = self.items[index]
-            return dict(self._single_item(source, source_index), label=label)
+            return dict(self._single_item(source, source_index, images[0]), label=label)
         b, w = self.pairs[index]
-        images = [self._load(self.backlit, b)] + [self._load(src, idx[b]) for src, idx in self.results] + \
-            [self._load(self.welllit, w)]
         images = augment_images(images, self.augment, self.zoom_range)
         item = {'backlit': to_tensor(images[0]), 'backlit_path': self.backlit.path(b),
                 'welllit': to_tensor(images[-1]), 'welllit_path': self.welllit.path(w)}

@@ -170,9 +170,14 @@ class ImageSource:
 
     def read(self, index: int) -> DecodedImage:
         """Decode one image; errors name the file (or the LMDB and key)."""
+        return self.decode(index, self.read_bytes(index))
+
+    def decode(self, index: int, data: bytes) -> DecodedImage:
+        """Decode the bytes :meth:`read_bytes` returned for image ``index`` (thread-safe: no I/O, and OpenCV
+        releases the interpreter lock while it decodes)."""
         label = self.path(index) if not self.is_lmdb else f'{self.dataroot} [key {self._lmdb_keys[index]}: ' \
             f'{self.keys[index]}]'
-        return decode_image(self.read_bytes(index), name=label)
+        return decode_image(data, name=label)
 
     def check_all(self) -> None:
         """Read every image and raise one :class:`RaveError` listing all that cannot be decoded."""

@@ -27,7 +27,8 @@ guidance: prompt                  # prompt (CLIP-LIT) | latent (CLIP-LIT-Latent)
 prompt_length: 16                 # "X" tokens of the init prompt (prompt guidance)
 rank_order: official              # official: S(I_t) > S(I_{t-1}) (newest results nearer to backlit); paper: reverse
 latent_init: random               # random: N(0, 1) as the originals; set_means: prompt_data's set means (latent)
-prompt_data: {dataroot_welllit: DIR, dataroot_backlit: ~, resize: 256, augment: official, batch_size: 16}
+prompt_data: {dataroot_welllit: DIR, dataroot_backlit: ~, resize: 256, augment: official, batch_size: 16,
+              decode_threads: ~}   # ~: min(8, usable cores)
 results: {at: best, display_iter: 20, window: 30, size: 256, batch_size: 8}
 path: {pretrain_network_guidance: ~}      # a saved pair (ours, or the original's init_prompt_pair.pth) to start from
 train:
@@ -91,7 +92,8 @@ DEFAULT_STAGES = {'prompt_init': {'iters': 8000, 'extend_by': 100, 'extend_thres
                   'network': {'iters': 2100, 'extend_by': 60, 'extend_threshold': 90.0},
                   'prompt': {'iters': 1000, 'extend_by': 100, 'extend_threshold': 60.0, 'max_rounds': None}}
 DEFAULT_RESULTS = {'at': 'best', 'display_iter': 20, 'window': 30, 'size': 256, 'batch_size': 8}
-DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'io_backend': {'type': 'disk'}}
+DEFAULT_PROMPT_DATA = {'resize': 256, 'augment': 'official', 'batch_size': 16, 'decode_threads': None,
+                       'io_backend': {'type': 'disk'}}
 DEFAULT_INIT_OPT = {'type': 'PromptInitLoss'}
 DEFAULT_GUIDANCE_OPT = {'type': 'PromptGuidanceLoss', 'loss_weight': 320.0}
 DEFAULT_RANKING_OPT = {'type': 'PromptRankingLoss', 'loss_weight': 200.0}
@@ -332,7 +334,7 @@ class CLIPLITModel(BacklitBaseModel):
 
     def prompt_init_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage A: cross-entropy of the pair on well-lit vs backlit image features (explicit labels)."""
-        items = [self.init_data[i] for i in self.init_sampler.next()]
+        items = self.init_data.load_batch(self.init_sampler.next())
         features = self.encode_normalised(torch.stack([item['lq'] for item in items]))
         labels = torch.tensor([item['label'] for item in items], dtype=torch.int64, device=self.device)
         loss = self.cri_init(features, self.guidance_pair(), labels)
@@ -389,7 +391,7 @@ class CLIPLITModel(BacklitBaseModel):
     def ranking_loss(self) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Stage C-2: 200·rank loss on backlit / well-lit couples plus the latest rounds' results."""
         indices = self.pair_sampler.next()
-        items = [self.pair_data[i] for i in indices]
+        items = self.pair_data.load_batch(indices)
         backlit = self.encode_normalised(torch.stack([item['backlit'] for item in items]))
         welllit = self.encode_normalised(torch.stack([item['welllit'] for item in items]))
         rows = torch.tensor([self.pair_data.pairs[i][0] for i in indices])
