@@ -162,6 +162,14 @@ def precision_lines(found: Dict[str, dict]) -> List[str]:
              for precision in ('fp32', 'tf32', 'mixed')]
     lines += ['Exact tiling (128-px tiles) against the whole image on the GPU, largest difference in grey levels:', '']
     lines += _table(['precision', 'tiled vs whole (grey levels)'], tiled)
+    large = [[precision, values.get('max_grey_diff_vs_fp32'), values.get('mean_grey_diff_vs_fp32'),
+              f"< {values['bound']}" if 'bound' in values else '–']
+             for precision in ('mixed', 'bf16', 'fp16')
+             for values in [found.get(f'test_reduced_precisions_on_a_12_megapixel_photo_in_one_pass[{precision}]')]
+             if values]
+    if large:
+        lines += ['A 4000x3000 photo in one pass (`--tile 0`) against fp32 on the GPU, grey levels:', '']
+        lines += _table(['precision', 'max', 'mean', 'bound'], large)
     auto = found.get('test_auto_precision_is_mixed_on_a_gpu_with_native_bfloat16')
     if auto:
         lines += [f"`--precision auto` on {auto.get('gpu')}: **{auto.get('resolved')}** (native bfloat16: "
