@@ -93,29 +93,24 @@ class ResidualBlock(nn.Module):
         return self.lrelu(out)
 
 
-class Float32AdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
-    """Adaptive average pooling computed in float32 whatever the input's dtype; the result has the input's dtype.
-
-    The bins average up to millions of pixels, and CUDA's float16 pooling gets them wrong on large inputs: on an
-    H200 (torch 2.11, CUDA 13) every value of the 2×2, 3×3 and 6×6 bins came out 0 for a 4000×3000 image, which
-    moved the fp16 output by 13 grey levels (0.3 with this pooling). The exact tiling pools in float32 too.
-    """
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(input.float(), self.output_size).to(input.dtype)
-
-
 class PyramidPooling(nn.Module):
-    """Pyramid pooling: per bin, adaptive average pool (in float32) → 1×1 conv → PReLU → bilinear upsampling
-    (``align_corners=True``); concatenated with the input and fused by a zero-padded 3×3 conv + PReLU."""
+    """Pyramid pooling: per bin, adaptive average pool → 1×1 conv → PReLU → bilinear upsampling
+    (``align_corners=True``); concatenated with the input and fused by a zero-padded 3×3 conv + PReLU.
+
+    The bins are averaged in float32 whatever the network computes in (one conversion for all four), as the exact
+    tiling does: they average up to millions of pixels, and CUDA's float16 pooling gets them wrong on large inputs
+    (on an H200, torch 2.11 with CUDA 13, every value of the 2×2, 3×3 and 6×6 bins of a 4000×3000 image came out 0,
+    which moved the fp16 output by 13 grey levels; 0.3 with float32 pooling).
+    """
 
     def __init__(self, in_channels: int, reduction: int = 8, bins: Sequence[int] = PPM_BINS):
         super().__init__()
         self.bins = tuple(bins)
+        # index 0 is where the originals pool; the pooling is done in concat_branches, and the identity keeps the
+        # released state dicts' keys (features.K.1 conv, features.K.2 PReLU)
         self.features = nn.ModuleList([
-            nn.Sequential(Float32AdaptiveAvgPool2d(b), nn.Conv2d(in_channels, reduction, 1, bias=False),
-                          nn.PReLU())
-            for b in self.bins
+            nn.Sequential(nn.Identity(), nn.Conv2d(in_channels, reduction, 1, bias=False), nn.PReLU())
+            for _ in self.bins
         ])
         self.fuse = nn.Sequential(
             nn.Conv2d(in_channels + reduction * len(self.bins), in_channels, 3, padding=1, bias=False), nn.PReLU())
@@ -127,9 +122,12 @@ class PyramidPooling(nn.Module):
     def concat_branches(self, x: torch.Tensor) -> torch.Tensor:
         """The fuse conv's input: ``x`` followed by the four upsampled branch maps."""
         size = x.shape[-2:]
+        x32 = x.float()
         out = [x]
-        for branch in self.features:
-            out.append(F.interpolate(branch(x), size=size, mode='bilinear', align_corners=True))
+        for index, bins in enumerate(self.bins):
+            pooled = F.adaptive_avg_pool2d(x32, bins).to(x.dtype)
+            out.append(F.interpolate(self.branch_from_pooled(index, pooled), size=size, mode='bilinear',
+                                     align_corners=True))
         return torch.cat(out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

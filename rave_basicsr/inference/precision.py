@@ -16,7 +16,7 @@
   level of the fp32 output (the tolerance of the parity with the official outputs) at nearly bf16 speed.
 - ``fp16``: float16 autocast, CUDA only (CPUs have no fast float16; it falls back to fp32 there with a warning).
 
-In every precision the network's pyramid pooling averages in float32 (see ``Float32AdaptiveAvgPool2d``).
+In every precision the network's pyramid pooling averages in float32 (see ``PyramidPooling``).
 
 A precision the hardware only emulates (bf16 or mixed without native bfloat16) still runs, with a warning.
 ``I / L`` is always computed in float32 from the float32 image.
