@@ -220,13 +220,6 @@ def measure_stages(model, method: str, batch: dict, iters: int, device: torch.de
     return row
 
 
-def training_image_counts(prompt_batch: int) -> Dict[str, int]:
-    """Backlit and well-lit training images of the benchmark's data: 4 of each, more when CLIP-LIT's prompt batch
-    needs them (its prompt stage draws that many backlit/well-lit pairs without repeats)."""
-    each = max(4, prompt_batch)
-    return {'n_train': each, 'n_welllit': each}
-
-
 def bench_training(results: Results, device: torch.device, quick: bool, iters: int) -> None:
     """Part 2: the stages of every method in every variant, then the projected default schedules."""
     schedule = bench_methods.default_schedule()
@@ -237,7 +230,8 @@ def bench_training(results: Results, device: torch.device, quick: bool, iters: i
     results.data['meta']['training'] = {'crop': sizes.crop, 'batch': sizes.batch, 'prompt_batch': sizes.prompt_batch,
                                         'timed_iters': iters, 'encoders': encoders, 'schedule': schedule}
     root = Path(tempfile.mkdtemp(prefix='rave_bench_gpu_'))
-    data = demo_data(root / 'data', size=max(sizes.crop, 48), n_val=1, **training_image_counts(sizes.prompt_batch))
+    counts = bench_methods.training_image_counts(sizes.prompt_batch)
+    data = demo_data(root / 'data', size=max(sizes.crop, 48), n_val=1, **counts)
     batch = {'lq': torch.rand(sizes.batch, 3, sizes.crop, sizes.crop, generator=torch.Generator().manual_seed(0))}
     last_seconds = 10.0 if quick else 30.0
     torch.backends.cudnn.benchmark = True  # as BasicSR's training pipeline sets it

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Dict
 
 import torch
 
@@ -108,6 +109,13 @@ def _on_device(options: dict, device: str, train_extra: dict = None) -> dict:
     options['num_gpu'] = 1 if device == 'cuda' else 0
     options['train'].update(train_extra or {})
     return options
+
+
+def training_image_counts(prompt_batch: int) -> Dict[str, int]:
+    """Backlit and well-lit training images of the benchmark's data: 4 of each, more when CLIP-LIT's prompt batch
+    needs them (its prompt stage draws that many backlit/well-lit pairs without repeats)."""
+    each = max(4, prompt_batch)
+    return {'n_train': each, 'n_welllit': each}
 
 
 def clip_lit_model(data, root, guidance: str, encoders, args, device: str = 'cpu', train_extra: dict = None):
@@ -186,7 +194,8 @@ def main() -> None:
     parser.add_argument('--out', default=str(Path(__file__).resolve().parent / 'results'))
     args = parser.parse_args()
     root = Path(tempfile.gettempdir()) / 'rave_bench_methods'
-    data = demo_data(root / 'data', size=max(args.crop, 48), n_train=4, n_welllit=4, n_val=1) \
+    counts = training_image_counts(args.prompt_batch)
+    data = demo_data(root / 'data', size=max(args.crop, 48), n_val=1, **counts) \
         if not (root / 'data' / 'train_backlit').is_dir() else \
         {'outdir': str(root / 'data'), 'train_welllit': str(root / 'data' / 'train_welllit')}
     batch = {'lq': torch.rand(args.batch, 3, args.crop, args.crop, generator=torch.Generator().manual_seed(0))}

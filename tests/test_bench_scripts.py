@@ -363,7 +363,7 @@ def test_gpu_benchmark_builds_every_method_at_the_originals_prompt_batch(tmp_pat
     schedule = bench_methods.default_schedule()
     sizes = argparse.Namespace(crop=32, batch=2, prompt_batch=schedule['prompt_batch'], best_events=10,
                                rave_guided=schedule['rave_guided'])
-    counts = bench_gpu.training_image_counts(sizes.prompt_batch)
+    counts = bench_methods.training_image_counts(sizes.prompt_batch)
     assert min(counts.values()) >= sizes.prompt_batch == 16
     data = demo_data(tmp_path / 'data', size=48, n_val=1, **counts)
     encoders = bench_gpu.encoders_for(torch.device('cpu'), quick=True)
