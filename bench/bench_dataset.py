@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -66,7 +67,7 @@ def images_per_second(root: str, workers: int, epochs: int) -> float:
 
 def png_decode_seconds(folder: str, repeats: int) -> dict:
     """Mean seconds per ``decode_image`` of the folder's PNGs, with and without the EXIF orientation check."""
-    blobs = [open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))]
+    blobs = [Path(folder, name).read_bytes() for name in sorted(os.listdir(folder))]
     seconds = {}
     for check in (False, True, False, True):  # interleaved, the first pass of each also warms the cache
         start = time.perf_counter()

@@ -86,7 +86,7 @@ class _BacklitTrainingSet(data.Dataset):
 
     def _load(self, source: ImageSource, index: int, decoded: Optional[DecodedImage] = None):
         """Decoded RGB (alpha dropped) brought to the training size; ``decoded``: the image, already decoded."""
-        rgb = (decoded or source.read(index)).rgb
+        rgb = (source.read(index) if decoded is None else decoded).rgb
         return prepare_size(rgb, self.resize, self.crop_size, self.small_image_policy, source.path(index))
 
     def _labelled_items(self) -> List[Tuple[ImageSource, int, int]]:

@@ -134,4 +134,4 @@ class Enhancer:
         if array.ndim != 3 or array.shape[2] != 3:
             raise RaveError(f'expected an H×W×3 RGB array, got shape {array.shape}.')
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]
-        return self.enhance(tensor, tile)[0].permute(1, 2, 0).numpy()
+        return self.enhance(tensor, tile)[0].permute(1, 2, 0).cpu().numpy()
