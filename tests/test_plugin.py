@@ -115,6 +115,20 @@ def test_yaml_keeps_order_and_reads_float_tag():
     assert opt['a'] == pytest.approx(1e-4) and isinstance(opt['a'], float)
 
 
+def test_numeric_option_keys_are_read_as_text_for_basicsr_and_the_losses():
+    """``margins: {3: ...}`` once crashed ``basicsr train`` in BasicSR's option logging (``dict2str``)."""
+    from basicsr.utils.options import dict2str
+
+    from rave_basicsr.losses.clip_guidance_loss import PromptRankingLoss
+
+    opt = load_yaml_text('train:\n  ranking_opt: {type: PromptRankingLoss, margins: {3: [0.5, 0.2], 4: [0.5, 0.1]}}\n')
+    margins = opt['train']['ranking_opt']['margins']
+    assert list(margins) == ['3', '4']
+    assert 'ranking_opt' in dict2str(opt)
+    loss = PromptRankingLoss(margins=margins)
+    assert loss.margins[3] == (0.5, 0.2) and loss.margins[4] == (0.5, 0.1) and loss.margins[2] == (1.0, 0.2)
+
+
 @pytest.mark.parametrize('payload', [
     'x: !!python/object/apply:os.system ["echo pwned"]',
     'x: !!python/name:os.system',
