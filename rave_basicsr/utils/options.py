@@ -29,8 +29,7 @@ def _construct_ordered_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) 
     """Option keys are strings: a number written as a key (``margins: {3: [0.9, 0.2]}``) is kept as its text, since
     BasicSR's option logging (``dict2str``) fails on any other key."""
     loader.flatten_mapping(node)
-    return OrderedDict((key if isinstance(key, str) else str(key), value)
-                       for key, value in loader.construct_pairs(node))
+    return OrderedDict((str(key), value) for key, value in loader.construct_pairs(node))
 
 
 _OrderedSafeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_ordered_mapping)
