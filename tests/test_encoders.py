@@ -41,6 +41,21 @@ def test_default_preprocess_matches_original_loss_path():
     assert torch.allclose(preprocess_images(images, cfg), (expected - mean) / std, atol=1e-6)
 
 
+def test_gamma_raises_the_resized_images_to_its_power_before_the_normalisation():
+    images = torch.rand(2, 3, 37, 53)
+    cfg = parse_preprocess({'size': 32, 'gamma': 1.5})
+    assert cfg.to_dict()['gamma'] == 1.5 and parse_preprocess(None).gamma == 1.0
+    resized = F.interpolate(images, size=(32, 32), mode='bilinear', align_corners=False, antialias=False)
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert torch.allclose(preprocess_images(images, cfg), (resized.pow(1.5) - mean) / std, atol=1e-6)
+    # the power spreads the highlights and squeezes the shadows: the same step costs more at the top than at black
+    dark, bright = torch.full((1, 3, 32, 32), 0.1), torch.full((1, 3, 32, 32), 0.9)
+    step = 0.02
+    shift = {x: (preprocess_images(x + step, cfg) - preprocess_images(x, cfg)).abs().mean() for x in (dark, bright)}
+    assert shift[bright] > 2.5 * shift[dark]
+
+
 def test_center_crop_preprocess_approximates_clip_pil_preprocess():
     """Shorter-side bicubic antialiased resize + centre crop ≈ torchvision's PIL path (CLIP's own preprocess)."""
     from PIL import Image
@@ -73,6 +88,8 @@ def test_preprocess_is_differentiable():
      r"""option "interpolation" must be one of \['bilinear', 'bicubic'\], got 'nearest'"""),
     ({'size': 0}, r'option "size" must be a positive integer \(pixels\), got 0'),
     ({'antialias': 'yes'}, r"""option "antialias" must be true or false, got 'yes'"""),
+    ({'gamma': 0.5}, r'option "gamma" must be a number of at least 1 \(below 1 the power\'s gradient at black is '
+                     r'infinite\), got 0.5'),
     ({'mean': [0.5]}, r"option 'mean' must be a list of three numbers \(R, G, B\), got \[0.5\]"),
     ({'colour': 1}, r"unknown option\(s\) \['colour'\]; known options are \['antialias', "),
 ])
@@ -335,6 +352,31 @@ def test_image_stats_encoder_cone():
     white, dark = torch.ones(1, 3, 16, 16), torch.full((1, 3, 16, 16), 0.1)
     assert torch.allclose(cone(white) - cone(dark), 0.5 * (centred(white) - centred(dark)), atol=1e-6)
     assert torch.nn.functional.cosine_similarity(cone(images[:1]), cone(images[1:2])) > 0.5
+
+
+def test_image_stats_mean_abs_spread_does_not_grow_with_the_distance_from_the_mean():
+    """spread: std gives a pixel leverage on the spread in proportion to its distance from the mean (the sky's
+    brightest pixels the most); mean_abs gives every pixel on one side of the mean the same, and equals the mean
+    absolute deviation."""
+    backlit = torch.full((1, 3, 10, 10), 0.2)
+    backlit[..., :2, :] = 0.9
+    backlit[..., 1, 9] = 0.6  # a bright fifth of 0.9 but one pixel of 0.6
+    with pytest.raises(RaveError, match="option \"spread\" must be one of \\['std', 'mean_abs'\\], got 'mad'"):
+        ImageStatsEncoder(spread='mad')
+    mean = backlit.mean().item()
+    leverage = {}
+    for spread in ('std', 'mean_abs'):
+        net = ImageStatsEncoder(grid_size=1, histogram_levels=1, spread=spread)
+        image = backlit.clone().requires_grad_(True)
+        luma_spread = net(image)[0, 7]  # 1 grid cell, 3 means, 3 channel spreads, then the luminance spread
+        luma_spread.backward()
+        grad = image.grad[0].sum(0)
+        leverage[spread] = (grad[0, 0] / grad[1, 9]).item()  # the 0.9 pixel's leverage over the 0.6 pixel's
+        if spread == 'mean_abs':
+            luma = backlit.mean(1)
+            assert luma_spread.item() == pytest.approx(4 * (luma - luma.mean()).abs().mean().item() - 1, abs=1e-6)
+    assert leverage['std'] == pytest.approx((0.9 - mean) / (0.6 - mean), rel=1e-3)
+    assert leverage['mean_abs'] == pytest.approx(1.0, rel=1e-3)
 
 
 def test_image_stats_residual_pushes_backlit_towards_welllit():

@@ -27,7 +27,8 @@ class ImageStatsEncoder(nn.Module):
 
     * ``grid_size**2`` coarse luminance cells (area means), ``2 * y - 1``;
     * 3 per-channel means, ``2 * m - 1``;
-    * 3 per-channel standard deviations and 1 luminance standard deviation, ``4 * s - 1`` (0.5 is the maximum);
+    * 3 per-channel spreads and 1 luminance spread, ``4 * s - 1`` (0.5 is the maximum): standard deviations, or with
+      ``spread: mean_abs`` mean absolute deviations from the mean;
     * ``histogram_levels`` soft cumulative-histogram values: the fraction of pixels darker than each level
       ``(k + 0.5) / levels`` (a sigmoid of width ``histogram_softness`` in luminance units), ``2 * F - 1``.
 
@@ -39,10 +40,17 @@ class ImageStatsEncoder(nn.Module):
     of an embedding with a residual does: around the origin it swings with the embedding's direction (a small change
     of a near-zero embedding turns it a lot, and far-off images such as a white one can score like well-lit ones);
     in the cone it varies smoothly and almost linearly with the statistics, as RAVE's loss assumes of CLIP.
+
+    ``spread``: a standard deviation's gradient on a pixel grows with the pixel's distance from the mean, so in a
+    backlit image, whose dark subject pulls the mean down, the brightest sky pixels weigh most, and a guidance that
+    asks for less contrast is met most cheaply by darkening the sky. The mean absolute deviation (``mean_abs``) gives
+    every pixel on one side of the mean the same weight (docs/clip_lit.md, "Where the contrast push lands").
     """
 
+    SPREADS = ('std', 'mean_abs')
+
     def __init__(self, grid_size: int = 4, histogram_levels: int = 8, histogram_softness: float = 0.05,
-                 cone: bool = False) -> None:
+                 cone: bool = False, spread: str = 'std') -> None:
         super().__init__()
         if not isinstance(grid_size, int) or grid_size < 1:
             raise RaveError(f'ImageStatsEncoder: option "grid_size" must be a positive integer, got {grid_size!r}.')
@@ -52,6 +60,9 @@ class ImageStatsEncoder(nn.Module):
         if not isinstance(histogram_softness, (int, float)) or not histogram_softness > 0:
             raise RaveError('ImageStatsEncoder: option "histogram_softness" (luminance units) must be positive, '
                             f'got {histogram_softness!r}.')
+        if spread not in self.SPREADS:
+            raise RaveError(f'ImageStatsEncoder: option "spread" must be one of {list(self.SPREADS)}, got {spread!r}.')
+        self.spread = spread
         self.grid_size = grid_size
         self.histogram_levels = histogram_levels
         self.softness = float(histogram_softness)
@@ -70,8 +81,8 @@ class ImageStatsEncoder(nn.Module):
         grid = F.adaptive_avg_pool2d(luma, self.grid_size).flatten(1)
         flat = x.flatten(2)
         channel_mean = flat.mean(dim=2)
-        channel_std = flat.std(dim=2, unbiased=False)
-        luma_std = luma.flatten(1).std(dim=1, unbiased=False, keepdim=True)
+        channel_std = self._spread(flat)
+        luma_std = self._spread(luma.flatten(2)).view(batch, 1)
         cumulative = torch.sigmoid((self.levels - luma.flatten(2)) / self.softness).mean(dim=2)  # [B, levels]
         embedding = torch.cat([
             2.0 * grid - 1.0,
@@ -83,3 +94,9 @@ class ImageStatsEncoder(nn.Module):
         if self.cone:
             embedding = 0.5 * (embedding + 1.0)
         return embedding.view(batch, self.embed_dim)
+
+    def _spread(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B, C, N]`` -> ``[B, C]``: the standard deviation or the mean absolute deviation over N."""
+        if self.spread == 'std':
+            return values.std(dim=2, unbiased=False)
+        return (values - values.mean(dim=2, keepdim=True)).abs().mean(dim=2)

@@ -5,7 +5,9 @@ through. The default reproduces the originals' loss path (``clip_score.py`` of b
 encoder's input size, bilinear, ``align_corners=False``, no antialiasing, then CLIP's mean/std.
 ``resize: shorter_side_center_crop`` with ``interpolation: bicubic`` and ``antialias: true`` approximates the
 standard CLIP PIL preprocess (bicubic resize of the shorter side + centre crop) that RAVE uses for its residual
-embeddings.
+embeddings. ``gamma`` (not in the originals, default 1) raises the resized images to that power before the
+normalisation: above 1 a feature loss on the encoder prices a change of the highlights more and one of the shadows
+less (on the identity encoder, docs/clip_lit.md, "Where the contrast push lands").
 """
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Sequence, Tuple, Union
@@ -31,13 +33,14 @@ class PreprocessConfig:
     resize: str = 'squash'
     interpolation: str = 'bilinear'
     antialias: bool = False
+    gamma: float = 1.0
     mean: Tuple[float, float, float] = field(default=CLIP_MEAN)
     std: Tuple[float, float, float] = field(default=CLIP_STD)
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain, JSON-serialisable form (for logs and option round trips)."""
         return {'size': self.size, 'resize': self.resize, 'interpolation': self.interpolation,
-                'antialias': self.antialias, 'mean': list(self.mean), 'std': list(self.std)}
+                'antialias': self.antialias, 'gamma': self.gamma, 'mean': list(self.mean), 'std': list(self.std)}
 
 
 def _triple(value: Any, key: str, where: str) -> Tuple[float, float, float]:
@@ -56,7 +59,7 @@ def parse_preprocess(opt: Union[None, Mapping, PreprocessConfig], default_size: 
     if isinstance(opt, PreprocessConfig):
         return opt
     opt = dict(opt or {})
-    known = {'size', 'resize', 'interpolation', 'antialias', 'mean', 'std'}
+    known = {'size', 'resize', 'interpolation', 'antialias', 'gamma', 'mean', 'std'}
     unknown = sorted(set(opt) - known)
     if unknown:
         raise RaveError(f'{where}: unknown option(s) {unknown}; known options are {sorted(known)}.')
@@ -73,12 +76,16 @@ def parse_preprocess(opt: Union[None, Mapping, PreprocessConfig], default_size: 
     antialias = opt.get('antialias', False)
     if not isinstance(antialias, bool):
         raise RaveError(f'{where}: option "antialias" must be true or false, got {antialias!r}.')
+    gamma = opt.get('gamma', 1.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma >= 1.0:
+        raise RaveError(f'{where}: option "gamma" must be a number of at least 1 (below 1 the power\'s gradient at '
+                        f'black is infinite), got {gamma!r}.')
     mean = _triple(opt.get('mean', default_mean), 'mean', where)
     std = _triple(opt.get('std', default_std), 'std', where)
     if min(std) <= 0:
         raise RaveError(f'{where}: option "std" must be positive, got {list(std)}.')
     return PreprocessConfig(size=size, resize=resize, interpolation=interpolation, antialias=antialias,
-                            mean=mean, std=std)
+                            gamma=float(gamma), mean=mean, std=std)
 
 
 def _resize(images: torch.Tensor, size: Tuple[int, int], cfg: PreprocessConfig) -> torch.Tensor:
@@ -111,6 +118,8 @@ def preprocess_images(images01: torch.Tensor, cfg: PreprocessConfig) -> torch.Te
         top = int(round((new_hw[0] - cfg.size) / 2.0))
         left = int(round((new_hw[1] - cfg.size) / 2.0))
         out = out[..., top:top + cfg.size, left:left + cfg.size]
+    if cfg.gamma != 1.0:
+        out = out.clamp(0.0, 1.0).pow(cfg.gamma)
     mean = torch.tensor(cfg.mean, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std, dtype=out.dtype, device=out.device).view(1, 3, 1, 1)
     return (out - mean) / std
