@@ -60,6 +60,8 @@ def test_candidate_recipes_kept_for_the_benchmark_load_and_build_their_guidance(
         encoder = build_image_encoder(opt['guidance_encoder'], role='guidance')
         embeds = encoder.encode_image(torch.rand(2, 3, 32, 32))
         assert embeds.shape[0] == 2 and torch.isfinite(embeds).all(), path.name
+        identity = build_image_encoder(opt['identity_encoder'], role='identity')  # its preprocess options too
+        assert all(torch.isfinite(f).all() for f in identity.encode_image_features(torch.rand(2, 3, 32, 32)))
 
 
 def test_robustness_sweep_reuses_runs_by_training_options_not_file_bytes(tmp_path):
