@@ -81,14 +81,14 @@ class ImageStatsEncoder(nn.Module):
         grid = F.adaptive_avg_pool2d(luma, self.grid_size).flatten(1)
         flat = x.flatten(2)
         channel_mean = flat.mean(dim=2)
-        channel_std = self._spread(flat)
-        luma_std = self._spread(luma.flatten(2)).view(batch, 1)
+        channel_spread = self._spread(flat)
+        luma_spread = self._spread(luma.flatten(2)).view(batch, 1)
         cumulative = torch.sigmoid((self.levels - luma.flatten(2)) / self.softness).mean(dim=2)  # [B, levels]
         embedding = torch.cat([
             2.0 * grid - 1.0,
             2.0 * channel_mean - 1.0,
-            4.0 * channel_std - 1.0,
-            4.0 * luma_std - 1.0,
+            4.0 * channel_spread - 1.0,
+            4.0 * luma_spread - 1.0,
             2.0 * cumulative - 1.0,
         ], dim=1)
         if self.cone:
