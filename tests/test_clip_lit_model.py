@@ -441,6 +441,27 @@ def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
     assert model.guidance_type == opt['guidance'] and model.schedule.name == first
 
 
+def test_latent_demo_cuts_the_network_lr_when_the_pair_stops_turning(data, tmp_path):
+    """The Latent demo trains the network at a third of its lr once the last refinement of the pair has ended (at the
+    full lr a network that had met its targets took sudden steps away from them, docs/clip_lit.md): the scheduler's
+    milestone is the end of the last prompt stage, and it drives the network's optimiser."""
+    text = (OPTIONS / 'demo' / 'train_clip_lit_latent_demo.yml').read_text().replace('demo/data', data['outdir'])
+    opt = load_yaml_text(text, 'train_clip_lit_latent_demo.yml')
+    train = opt['train']
+    last_refinement_end = (train['warmup']['iters']
+                           + train['prompt']['max_rounds'] * (train['network']['iters'] + train['prompt']['iters']))
+    assert train['scheduler']['milestones'] == [last_refinement_end]
+    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
+    model = build(json.loads(json.dumps(opt)), tmp_path)
+    lrs = {}
+    for it in range(1, last_refinement_end + 2):  # BasicSR's loop: update_learning_rate(current_iter) every iteration
+        model.update_learning_rate(it)
+        lrs[it] = model.optimizer_by_name['net_g'].param_groups[0]['lr']
+    lr = train['optim_g']['lr']
+    assert lrs[last_refinement_end] == pytest.approx(lr)
+    assert lrs[last_refinement_end + 1] == pytest.approx(lr / 3, rel=1e-3)
+
+
 def test_test_mode_scores_with_a_saved_pair(data, tmp_path):
     options = clip_lit_options('testmode', data, stages=(2, 1, 1, 1))
     options['val']['metrics'] = {'guidance': {'type': 'calculate_guidance_score'}}
