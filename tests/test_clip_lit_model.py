@@ -424,10 +424,17 @@ def test_option_files_hold_the_paper_hyperparameters(name, guidance, lr, welllit
     assert opt['results']['size'] == 256 and opt['datasets']['train']['batch_size_per_gpu'] == 8
 
 
-@pytest.mark.parametrize('name', ['train_clip_lit_demo.yml', 'train_clip_lit_latent_demo.yml'])
-def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
+def demo_options_on_fixture_data(data, name: str) -> dict:
+    """The shipped demo option file ``options/demo/<name>`` with its data paths pointed at the fixture's sets."""
     text = (OPTIONS / 'demo' / name).read_text().replace('demo/data', data['outdir'])
     opt = load_yaml_text(text, name)
+    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
+    return opt
+
+
+@pytest.mark.parametrize('name', ['train_clip_lit_demo.yml', 'train_clip_lit_latent_demo.yml'])
+def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
+    opt = demo_options_on_fixture_data(data, name)
     train = opt['train']
     prefix = train['prompt_init']['iters'] + train['warmup']['iters']
     round_length = train['network']['iters'] + train['prompt']['iters']
@@ -435,7 +442,6 @@ def test_demo_option_files_build_on_demo_data(data, tmp_path, name):
         assert (train['total_iter'] - prefix) % round_length == 0 and train['total_iter'] > prefix
     else:  # the schedule ends exactly at total_iter
         assert prefix + round_length * train['num_rounds'] == train['total_iter']
-    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
     model = build(json.loads(json.dumps(opt)), tmp_path)
     first = 'prompt_init' if train['prompt_init']['iters'] else 'warmup'  # the Latent demo starts at the set means
     assert model.guidance_type == opt['guidance'] and model.schedule.name == first
@@ -445,13 +451,11 @@ def test_latent_demo_cuts_the_network_lr_when_the_pair_stops_turning(data, tmp_p
     """The Latent demo trains the network at a third of its lr once the last refinement of the pair has ended (at the
     full lr a network that had met its targets took sudden steps away from them, docs/clip_lit.md): the scheduler's
     milestone is the end of the last prompt stage, and it drives the network's optimiser."""
-    text = (OPTIONS / 'demo' / 'train_clip_lit_latent_demo.yml').read_text().replace('demo/data', data['outdir'])
-    opt = load_yaml_text(text, 'train_clip_lit_latent_demo.yml')
+    opt = demo_options_on_fixture_data(data, 'train_clip_lit_latent_demo.yml')
     train = opt['train']
     last_refinement_end = (train['warmup']['iters']
                            + train['prompt']['max_rounds'] * (train['network']['iters'] + train['prompt']['iters']))
     assert train['scheduler']['milestones'] == [last_refinement_end]
-    opt['prompt_data']['batch_size'] = 4  # the fixture's sets are smaller than `rave demo-data`'s
     model = build(json.loads(json.dumps(opt)), tmp_path)
     lrs = {}
     for it in range(1, last_refinement_end + 2):  # BasicSR's loop: update_learning_rate(current_iter) every iteration
